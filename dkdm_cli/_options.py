@@ -1,0 +1,34 @@
+"""Shared Annotated option aliases, so every command spells its common flags the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="Project TOML (default: ./dkdm.toml when present).",
+                 show_default=False),
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override any setting: section.key=value (repeatable).",
+                 show_default=False),
+]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N.", show_default=False)
+]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+TeacherOpt = Annotated[
+    Optional[str],
+    typer.Option("--teacher", "-t", help="Teacher spec: a name from `dkdm teachers`, "
+                 "hf:ORG/NAME[@REV], or a path.", show_default=False),
+]
+StudentOpt = Annotated[
+    Optional[str],
+    typer.Option("--student", "-s", help="Student preset from `dkdm students`.", show_default=False),
+]

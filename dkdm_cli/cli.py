@@ -1,0 +1,91 @@
+"""The `dkdm` command line. Each command parses, calls the library, prints; errors are turned
+into one-line messages and exit codes in one place (`run`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.markup import escape
+
+from dkdm_cli import __version__, _console
+from dkdm_cli.commands.catalog import students, teachers
+from dkdm_cli.commands.init import init
+from dkdm_cli.errors import DkdmError
+
+app = typer.Typer(
+    name="dkdm",
+    help="Distill a pretrained diffusion model into any architecture, without its data (DKDM).\n\n"
+    "Example: dkdm init && dkdm distill && dkdm sample --model runs/digits-unet-t --out samples",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        _console.out.print(f"dkdm {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+) -> None:
+    """Distill a pretrained diffusion model into any architecture, without its data (DKDM)."""
+
+
+app.command("init")(init)
+app.command("students")(students)
+app.command("teachers")(teachers)
+
+
+def _register_optional() -> None:
+    # Commands living in their own modules; imported here so `dkdm --help` lists them.
+    from dkdm_cli.commands import sample as _sample
+
+    app.command("sample")(_sample.sample)
+    for module, names in (("distill", ("distill",)), ("evaluate", ("eval",)), ("export", ("export",))):
+        try:
+            mod = __import__(f"dkdm_cli.commands.{module}", fromlist=["_"])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"dkdm_cli.commands.{module}":
+                raise
+            continue
+        for name in names:
+            app.command(name)(getattr(mod, name.replace("eval", "evaluate")))
+
+
+_register_optional()
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on `argv` and return the exit code (never raises for user errors)."""
+    command = typer.main.get_command(app)
+    debug = os.environ.get("DKDM_DEBUG") == "1"
+    try:
+        result = command.main(args=argv, prog_name="dkdm", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show(file=sys.stderr)
+        return exc.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        _console.err.print("interrupted")
+        return 130
+    except DkdmError as exc:
+        if debug:
+            raise
+        _console.err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        return exc.exit_code
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run(sys.argv[1:]))

@@ -1,0 +1,68 @@
+"""`dkdm students` and `dkdm teachers`: what can be distilled into what."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dkdm_cli import _console
+from dkdm_cli._options import JsonOpt
+from dkdm_cli.models.registry import MODELS
+from dkdm_cli.models.summary import summarize_all
+
+
+def students(
+    image_size: Annotated[int, typer.Option("--image-size", min=1, help="Image side in pixels.")] = 32,
+    channels: Annotated[int, typer.Option("--channels", min=1, help="Image channels.")] = 3,
+    json_out: JsonOpt = False,
+) -> None:
+    """List student presets with parameter counts and GFLOPs per forward.
+
+    Example: dkdm students --image-size 16 --channels 1 --json
+    """
+    rows = summarize_all(image_size=image_size, channels=channels)
+    aliases = MODELS.aliases()
+    if json_out:
+        _console.print_json({
+            "image_size": image_size, "channels": channels,
+            "students": [r.to_dict() | {"aliases": sorted(a for a, n in aliases.items() if n == r.name)}
+                         for r in rows],
+        })
+        return
+    table = Table(title=f"students at {image_size}x{image_size}x{channels} (learned variance)")
+    for col in ("name", "family", "params (M)", "GFLOPs", "note"):
+        table.add_column(col, justify="right" if col in ("params (M)", "GFLOPs") else "left")
+    for r in rows:
+        alias = [a for a, n in aliases.items() if n == r.name]
+        name = r.name + (f" ({', '.join(alias)})" if alias else "")
+        table.add_row(name, r.family,
+                      f"{r.parameters / 1e6:.2f}" if r.parameters is not None else "-",
+                      f"{r.gflops:.2f}" if r.gflops is not None else "-",
+                      r.reason or "")
+    _console.out.print(table)
+
+
+def teachers(json_out: JsonOpt = False) -> None:
+    """List registered teachers: source, resolution, channels, parameters, cached or not.
+
+    Example: dkdm teachers --json
+    """
+    from dkdm_cli.teachers.spec import TEACHERS
+
+    entries = [TEACHERS.create(n) for n in TEACHERS.names()]
+    rows = [{"name": e.name, "source": e.source, "description": e.description,
+             "image_size": e.image_size, "channels": e.channels, "parameters": e.parameters,
+             "latent": e.latent, "cached": bool(e.is_cached())} for e in entries]
+    if json_out:
+        _console.print_json({"teachers": rows})
+        return
+    table = Table(title="teachers")
+    for col in ("name", "resolution", "params (M)", "cached", "source"):
+        table.add_column(col)
+    for r in rows:
+        params = f"{r['parameters'] / 1e6:.1f}" if r["parameters"] else "?"
+        res = f"{r['image_size']}x{r['image_size']}x{r['channels']}" + (" latent" if r["latent"] else "")
+        table.add_row(r["name"], res, params, "yes" if r["cached"] else "no", r["source"])
+    _console.out.print(table)

@@ -1,0 +1,285 @@
+"""`dkdm.toml` <-> typed, frozen dataclasses.
+
+Precedence, lowest first: built-in defaults < the TOML file < command-line flags < repeated
+`--set section.key=value`. Unknown keys, wrong types and out-of-range values are ConfigErrors
+naming the file, the key and what was expected ("did you mean" for misspelt keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+from dkdm_cli.errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "dkdm.toml"
+
+
+def opt(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
+        choices: tuple | None = None, gt: float | None = None) -> Any:
+    """A config field with its documentation and validation rules."""
+    meta = {"doc": doc, "min": min, "max": max, "choices": choices, "gt": gt}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """[teacher]: which pretrained model to learn from."""
+
+    name: str = opt("digits", "teacher spec: a registered name, hf:ORG/NAME[@REV], or a path")
+    arch: str = opt("", "architecture preset for improved/guided-diffusion .pt checkpoints")
+    arch_kwargs: dict = opt({}, "architecture flags for .pt checkpoints (num_channels, ...)")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """[student]: the architecture to train."""
+
+    name: str = opt("unet-t", "student preset from `dkdm students`")
+    kwargs: dict = opt({}, "overrides of the preset's arguments, e.g. {model_channels = 16}")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """[distill]: the DKDM training run."""
+
+    mode: str = opt("dynamic", "basic | shuffle | dynamic | synthetic (the data-free baseline)",
+                    choices=("basic", "shuffle", "dynamic", "synthetic"))
+    iterations: int = opt(2000, "total training iterations (resuming continues up to this)", min=1)
+    batch_size: int = opt(64, "states per iteration, b", min=1)
+    rho: float = opt(0.4, "pool size factor: N = ceil(rho * T * b) in dynamic mode", gt=0)
+    init: str = opt("fast", "pool start-up: exact (paper, ~N*T/2 teacher steps) | fast",
+                    choices=("exact", "fast"))
+    init_steps: int = opt(10, "fast init: at most this many teacher steps per state", min=1)
+    init_batch_size: int = opt(256, "teacher batch size during pool start-up", min=1)
+    vlb_lambda: float = opt(0.001, "lambda of L_vlb* (weight of the per-t KL = lambda * T)", min=0)
+    lr: float = opt(1e-4, "AdamW learning rate (constant after warm-up)", gt=0)
+    warmup: int = opt(0, "linear learning-rate warm-up iterations", min=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0)
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0 disables)", min=0)
+    ema_rate: float = opt(0.9999, "EMA decay of the student's weights", min=0, max=1)
+    ema_warmup: bool = opt(True, "ramp the EMA decay as min(rate, (1+n)/(10+n))")
+    seed: int = opt(0, "random seed (each rank adds its rank)", min=0)
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = opt("auto", "auto (bf16 autocast on CUDA) | fp32 | bf16",
+                         choices=("auto", "fp32", "bf16"))
+    compile: bool = opt(False, "torch.compile the student")
+    run_dir: str = opt("", "run directory (default runs/<teacher>-<student>)")
+    save_every: int = opt(500, "checkpoint every N iterations (and at the end)", min=1)
+    keep_last: int = opt(3, "checkpoints to keep", min=1)
+    save_pool: bool = opt(True, "store the state pool in checkpoints (exact resume)")
+    log_every: int = opt(50, "log metrics every N iterations", min=1)
+    grid_every: int = opt(500, "write a fixed-noise sample grid every N iterations (0: never)",
+                          min=0)
+    grid_num: int = opt(16, "images in that grid", min=1)
+    grid_steps: int = opt(25, "sampling steps for that grid", min=1)
+    tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
+    synthetic_samples: int = opt(2048, "synthetic mode: teacher samples to pre-generate", min=1)
+    synthetic_steps: int = opt(50, "synthetic mode: sampling steps per teacher sample", min=1)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """[sample]: generating images."""
+
+    num: int = opt(64, "number of images", min=1)
+    steps: int = opt(50, "sampling steps (respaced)", min=1)
+    sampler: str = opt("iddpm", "iddpm (ancestral) | ddim", choices=("iddpm", "ddim"))
+    eta: float = opt(0.0, "DDIM eta (0: deterministic)", min=0)
+    seed: int = opt(0, "random seed", min=0)
+    batch_size: int = opt(64, "images per forward", min=1)
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """[eval]: scoring samples."""
+
+    num: int = opt(1000, "samples to generate when scoring a run", min=2)
+    steps: int = opt(50, "sampling steps", min=1)
+    sampler: str = opt("iddpm", "iddpm | ddim", choices=("iddpm", "ddim"))
+    seed: int = opt(0, "random seed", min=0)
+    batch_size: int = opt(64, "images per forward", min=1)
+    reference: str = opt("teacher", "teacher | a folder of images | a statistics .npz")
+    inception_weights: str = opt("", "Inception weights file for offline use")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """[export]: shipping a student."""
+
+    format: str = opt("safetensors", "safetensors | onnx", choices=("safetensors", "onnx"))
+    ema: bool = opt(True, "export the EMA weights")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict."""
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML."""
+        return tomli_w.dumps(self.to_dict())
+
+    def save(self, path: Path) -> None:
+        """Write the resolved configuration as TOML."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(self.to_toml())
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Config)}
+_SECTION_TYPES = {"teacher": TeacherConfig, "student": StudentConfig, "distill": DistillConfig,
+                  "sample": SampleConfig, "eval": EvalConfig, "export": ExportConfig}
+
+
+def _did_you_mean(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a table"}.get(tp, str(tp))
+
+
+def _check_value(where: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(
+            f"{where}: expected one of {', '.join(meta['choices'])}, got {value!r}"
+            + _did_you_mean(str(value), meta["choices"])
+        )
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"{where}: expected a value >= {meta['min']}, got {value!r}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ConfigError(f"{where}: expected a value <= {meta['max']}, got {value!r}")
+    if meta.get("gt") is not None and value <= meta["gt"]:
+        raise ConfigError(f"{where}: expected a value > {meta['gt']}, got {value!r}")
+    return value
+
+
+def _merge_section(source: str, section: str, current: Any, values: dict[str, Any]) -> Any:
+    cls = _SECTION_TYPES[section]
+    hints = typing.get_type_hints(cls)
+    by_name = {f.name: f for f in fields(cls)}
+    updates = {}
+    for key, value in values.items():
+        if key not in by_name:
+            raise ConfigError(
+                f"{source}: unknown key [{section}] {key}{_did_you_mean(key, by_name)}"
+            )
+        tp = hints[key]
+        if isinstance(tp, types.UnionType | typing._UnionGenericAlias):  # pragma: no cover
+            tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        updates[key] = _check_value(f"{source}: [{section}] {key}", by_name[key], tp, value)
+    return dataclasses.replace(current, **updates)
+
+
+def merge(config: Config, data: dict[str, Any], *, source: str) -> Config:
+    """`config` updated with a nested dict {section: {key: value}} from `source`."""
+    out = config
+    for section, values in data.items():
+        if section not in _SECTION_TYPES:
+            raise ConfigError(
+                f"{source}: unknown section [{section}]{_did_you_mean(section, _SECTION_TYPES)}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table, got {values!r}")
+        new = _merge_section(source, section, getattr(out, section), values)
+        out = dataclasses.replace(out, **{section: new})
+    return out
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; malformed TOML is a ConfigError naming the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: malformed TOML: {exc}") from exc
+
+
+def parse_set(expr: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value); the value is read as TOML, else a string."""
+    if "=" not in expr or "." not in expr.split("=", 1)[0]:
+        raise ConfigError(f"--set {expr!r}: expected section.key=value, e.g. distill.lr=2e-4")
+    lhs, raw = expr.split("=", 1)
+    section, key = lhs.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    flags: dict[str, dict[str, Any]] | None = None,
+    sets: list[str] | None = None,
+    search_cwd: bool = True,
+) -> Config:
+    """Resolve the configuration: defaults < TOML file < flags < --set overrides.
+
+    `path` None means ./dkdm.toml when it exists (and `search_cwd`); `flags` holds only the
+    command-line flags the user actually gave.
+    """
+    config = Config()
+    if path is None and search_cwd and Path(DEFAULT_CONFIG_NAME).is_file():
+        path = Path(DEFAULT_CONFIG_NAME)
+    if path is not None:
+        config = merge(config, read_toml(Path(path)), source=str(path))
+    if flags:
+        clean = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in flags.items()}
+        config = merge(config, {s: kv for s, kv in clean.items() if kv}, source="command line")
+    for expr in sets or []:
+        section, key, value = parse_set(expr)
+        config = merge(config, {section: {key: value}}, source=f"--set {expr}")
+    return config
+
+
+def field_docs() -> dict[str, dict[str, tuple[Any, str]]]:
+    """{section: {key: (default, doc)}} for templates and documentation."""
+    out = {}
+    default = Config()
+    for section, cls in _SECTION_TYPES.items():
+        out[section] = {f.name: (getattr(getattr(default, section), f.name), f.metadata["doc"])
+                        for f in fields(cls)}
+    return out

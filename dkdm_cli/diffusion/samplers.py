@@ -1,0 +1,68 @@
+"""Sampling loops. The model is passed in as a callable (x, model_t) -> output; the loop never
+owns it, so teachers, students and exported models share one implementation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+
+import torch
+
+from dkdm_cli.diffusion.gaussian import GaussianDiffusion, space_timesteps
+from dkdm_cli.errors import ConfigError
+
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Sampler(str, Enum):
+    """Which reverse process the sampler runs."""
+
+    IDDPM = "iddpm"  # respaced ancestral sampling (Improved DDPM)
+    DDIM = "ddim"
+
+
+def sampling_process(diffusion: GaussianDiffusion, steps: int | None, sampler: Sampler):
+    """The (respaced) process a sampler with `steps` steps runs on."""
+    if steps is None or steps >= diffusion.num_timesteps:
+        return diffusion
+    if steps < 1:
+        raise ConfigError(f"sampling steps must be at least 1, got {steps}")
+    spec = f"ddim{steps}" if sampler is Sampler.DDIM else str(steps)
+    try:
+        kept = space_timesteps(diffusion.num_timesteps, spec)
+    except ConfigError:
+        kept = space_timesteps(diffusion.num_timesteps, str(steps))
+    return diffusion.respaced(kept)
+
+
+@torch.no_grad()
+def sample(
+    model: DenoiseFn,
+    diffusion: GaussianDiffusion,
+    *,
+    noise: torch.Tensor,
+    steps: int | None = None,
+    sampler: Sampler | str = Sampler.IDDPM,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Run the reverse chain from `noise` (B, C, H, W) to x_0; the same noise and generator give
+    the same samples on the same device."""
+    sampler = Sampler(sampler)
+    process = sampling_process(diffusion, steps, sampler)
+    x = noise
+    n = process.num_timesteps
+    for i in reversed(range(n)):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        out = model(x, process.model_timesteps(t)).to(x.dtype)
+        step = process.p_mean_variance(out, x_t=x, t=t, clip_denoised=clip_denoised)
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if sampler is Sampler.DDIM:
+            x = process.ddim_step(step, x_t=x, t=t, noise=z, eta=eta)
+        else:
+            x = process.ancestral_step(step, x_t=x, t=t, noise=z)
+        if on_step is not None:
+            on_step(n - i, n)
+    return x

@@ -1,0 +1,124 @@
+"""The project's model file: one safetensors file whose header metadata holds a JSON document
+(format version, package version, the ModelSpec, and for teachers the diffusion settings).
+
+Loading never unpickles, and a missing or unexpected weight is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from dkdm_cli import __version__
+from dkdm_cli.errors import ModelFileError
+from dkdm_cli.models import ModelSpec, build_from_spec
+
+FORMAT = "dkdm-model"
+FORMAT_VERSION = 1
+META_KEY = "dkdm"
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically: a temp file in the same folder, fsync, rename.
+
+    If anything fails (disk full included) the temp file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a clear ModelFileError when it is unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"{path}: not a readable safetensors file ({exc})") from exc
+    return tensors, meta
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """load_state_dict(strict) with an error naming missing/unexpected/mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+                parts.append(f"{label}: {', '.join(keys[:5])}{more}")
+        raise ModelFileError(f"{source}: weights do not match the architecture; " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def save_model(model: nn.Module, path: Path, *, extra: dict[str, Any] | None = None) -> None:
+    """Save `model` (which must carry `.spec`) with optional extra metadata (e.g. diffusion)."""
+    model = getattr(model, "_orig_mod", model)  # never save a compiled wrapper's prefixes
+    spec: ModelSpec = model.spec
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "dkdm_version": __version__,
+           "model": spec.to_dict(), **(extra or {})}
+    state = {k: v for k, v in model.state_dict().items()}
+    atomic_save_safetensors(state, Path(path), {META_KEY: json.dumps(doc)})
+
+
+def read_model_doc(path: Path) -> dict[str, Any]:
+    """The JSON document of a model file, without reading the weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"{path}: not a readable safetensors file ({exc})") from exc
+    return _parse_doc(meta, path)
+
+
+def _parse_doc(meta: dict[str, str], path: Path) -> dict[str, Any]:
+    if META_KEY not in meta:
+        raise ModelFileError(f"{path}: not a dkdm model file (no '{META_KEY}' metadata)")
+    try:
+        doc = json.loads(meta[META_KEY])
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{path}: corrupt dkdm metadata ({exc})") from exc
+    if doc.get("format") != FORMAT or doc.get("format_version", 0) > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: unsupported model format {doc.get('format')} v{doc.get('format_version')}"
+        )
+    return doc
+
+
+def load_model(path: Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """(model, document) from a model file; strict, pickle-free."""
+    tensors, meta = read_safetensors(Path(path))
+    doc = _parse_doc(meta, Path(path))
+    try:
+        model = build_from_spec(ModelSpec.from_dict(doc["model"]))
+    except KeyError as exc:
+        raise ModelFileError(f"{path}: model metadata lacks {exc}") from exc
+    load_state_strict(model, tensors, source=str(path))
+    return model.to(device), doc

@@ -1,0 +1,150 @@
+"""The CNN family: an ADM-style UNet (Dhariwal & Nichol; improved-diffusion) and its presets."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dkdm_cli.errors import ShapeMismatchError
+from dkdm_cli.models._blocks import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    TimestepSequential,
+    Upsample,
+    norm_layer,
+    timestep_embedding,
+    zero_module,
+)
+from dkdm_cli.models.registry import MODELS
+
+
+class UNet(nn.Module):
+    """ADM UNet. forward(x (B, C, H, W), t (B,)) -> (B, out_channels, H, W).
+
+    Module names follow improved-diffusion's UNetModel, so its checkpoints map onto this class
+    by renaming only the attention projections (see teachers/adm.py).
+    """
+
+    def __init__(
+        self, *, image_size: int, in_channels: int, model_channels: int, out_channels: int,
+        num_res_blocks: int, attention_resolutions: tuple[int, ...] = (), dropout: float = 0.0,
+        channel_mult: tuple[int, ...] = (1, 2, 2, 2), num_heads: int = 4,
+        num_head_channels: int = -1, use_scale_shift_norm: bool = True,
+        resblock_updown: bool = False, conv_resample: bool = True,
+    ) -> None:
+        super().__init__()
+        self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
+        self.stride = 2 ** (len(channel_mult) - 1)
+        emb_dim = model_channels * 4
+        self.model_channels = model_channels
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+
+        def attn(ch: int) -> AttentionBlock:
+            return AttentionBlock(ch, num_heads=num_heads, num_head_channels=num_head_channels)
+
+        def res(ch: int, out: int, **kw) -> ResBlock:
+            return ResBlock(ch, emb_dim, dropout, out_channels=out,
+                            use_scale_shift_norm=use_scale_shift_norm, **kw)
+
+        self.input_blocks = nn.ModuleList(
+            [TimestepSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
+        )
+        skip_chans = [model_channels]
+        ch, ds = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [res(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(attn(ch))
+                self.input_blocks.append(TimestepSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample)
+                self.input_blocks.append(TimestepSequential(down))
+                skip_chans.append(ch)
+                ds *= 2
+        self.middle_block = TimestepSequential(res(ch, ch), attn(ch), res(ch, ch))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + skip_chans.pop(), model_channels * mult)]
+                ch = model_channels * mult
+                if ds in attention_resolutions:
+                    layers.append(attn(ch))
+                if level and i == num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample))
+                    ds //= 2
+                self.output_blocks.append(TimestepSequential(*layers))
+        self.out = nn.Sequential(
+            norm_layer(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Predict the output for noisy x at (original-scale) timesteps t."""
+        if x.shape[-1] % self.stride or x.shape[-2] % self.stride:
+            raise ShapeMismatchError(
+                f"input {tuple(x.shape[-2:])} is not divisible by the UNet's stride {self.stride}"
+            )
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))  # (B, 4mc)
+        hs = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)  # (B, C_mid, H/s, W/s)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)  # (B, out_channels, H, W)
+
+
+def default_channel_mult(image_size: int) -> tuple[int, ...]:
+    """improved-diffusion's per-resolution channel multipliers (extended to small images)."""
+    if image_size >= 256:
+        return (1, 1, 2, 2, 4, 4)
+    if image_size >= 128:
+        return (1, 1, 2, 3, 4)
+    if image_size >= 64:
+        return (1, 2, 3, 4)
+    if image_size >= 32:
+        return (1, 2, 2, 2)
+    return (1, 2, 2)
+
+
+def _attention_ds(image_size: int, channel_mult: tuple[int, ...]) -> tuple[int, ...]:
+    # Attention at the 16x16 and 8x8 feature maps, as improved-diffusion's default "16,8".
+    deepest = 2 ** (len(channel_mult) - 1)
+    ds = tuple(image_size // r for r in (16, 8) if image_size % r == 0 and image_size // r >= 1)
+    return tuple(d for d in ds if d <= deepest) or (deepest,)
+
+
+def _unet_preset(channels: int, blocks: int, dropout: float, heads: int = 4):
+    def factory(*, image_size: int, in_channels: int, learn_sigma: bool, **overrides) -> UNet:
+        mult = tuple(overrides.pop("channel_mult", default_channel_mult(image_size)))
+        kwargs = dict(
+            image_size=image_size, in_channels=in_channels,
+            out_channels=in_channels * (2 if learn_sigma else 1),
+            model_channels=channels, num_res_blocks=blocks, dropout=dropout,
+            channel_mult=mult, attention_resolutions=_attention_ds(image_size, mult),
+            num_heads=heads,
+        )
+        kwargs.update(overrides)
+        kwargs["attention_resolutions"] = tuple(kwargs["attention_resolutions"])
+        stride = 2 ** (len(mult) - 1)
+        if image_size % stride:
+            raise ShapeMismatchError(
+                f"image size {image_size} is not divisible by this UNet's stride {stride}; "
+                "pass a shorter channel_mult"
+            )
+        return UNet(**kwargs)
+
+    return factory
+
+
+MODELS.register("unet-t")(_unet_preset(24, 1, 0.0, heads=2))  # tiny: tests and CPU demos
+MODELS.register("unet-s")(_unet_preset(64, 3, 0.1))  # ~14M at 32x32x3
+MODELS.register("unet-m")(_unet_preset(96, 3, 0.1))  # ~30M at 32x32x3
+MODELS.register("unet-b")(_unet_preset(128, 3, 0.3))  # ~52M: the paper's CIFAR-10 teacher

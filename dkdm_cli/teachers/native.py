@@ -1,0 +1,48 @@
+"""Teachers in dkdm's own formats: a model file (safetensors + JSON metadata) or a run directory
+(yesterday's student is today's teacher)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dkdm_cli.diffusion.settings import DiffusionSettings
+from dkdm_cli.errors import TeacherError
+from dkdm_cli.models.io import load_model
+from dkdm_cli.teachers.base import Teacher
+
+
+def load_model_file_teacher(path: Path, *, name: str | None = None, device: str = "cpu") -> Teacher:
+    """A teacher from a dkdm model file that carries diffusion settings."""
+    model, doc = load_model(Path(path), device=device)
+    if "diffusion" not in doc:
+        raise TeacherError(f"{path}: model file has no diffusion settings, so it cannot teach")
+    settings = DiffusionSettings.from_dict(doc["diffusion"])
+    kw = doc["model"]["kwargs"]
+    shape = (int(kw["in_channels"]), int(kw["image_size"]), int(kw["image_size"]))
+    teacher = Teacher(name=name or Path(path).stem, model=model, settings=settings,
+                      sample_shape=shape, source=str(path), info=doc.get("teacher", {}))
+    parent = doc.get("autoencoder_from")
+    if parent:
+        from dkdm_cli.teachers.spec import resolve_teacher
+
+        teacher.autoencoder = resolve_teacher(parent, device=device).autoencoder
+    return teacher
+
+
+def load_run_teacher(run_dir: Path, *, ema: bool = True, device: str = "cpu") -> Teacher:
+    """A run directory's student (EMA weights by default) as a teacher."""
+    from dkdm_cli.distill.checkpoint import student_from_run
+
+    model, ckpt = student_from_run(run_dir, ema=ema)
+    doc = ckpt.doc
+    settings = DiffusionSettings.from_dict(doc["diffusion"])
+    shape = tuple(int(s) for s in doc["sample_shape"])
+    teacher = Teacher(name=Path(run_dir).name, model=model.to(device), settings=settings,
+                      sample_shape=shape, source=str(run_dir),
+                      info={"step": ckpt.step, "teacher": doc.get("teacher")})
+    parent = doc.get("autoencoder_from")
+    if parent:
+        from dkdm_cli.teachers.spec import resolve_teacher
+
+        teacher.autoencoder = resolve_teacher(parent, device=device).autoencoder
+    return teacher

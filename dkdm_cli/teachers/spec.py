@@ -1,0 +1,88 @@
+"""Resolving a teacher spec to a Teacher.
+
+A spec says where the teacher comes from:
+  digits, ldm-celebahq, ...   a registered name (`dkdm teachers`)
+  hf:ORG/NAME[@REVISION]      a Hugging Face hub repository in diffusers format
+  ./path/                     a diffusers folder, or a dkdm run directory
+  ./model.safetensors         a dkdm model file (an export, or a built-in teacher)
+  ./ckpt.pt                   an improved/guided-diffusion state dict (give its architecture)
+Anything else is refused with how to fix it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dkdm_cli.errors import RegistryError, TeacherError
+from dkdm_cli.teachers import builtin as _builtin  # noqa: F401  (registers `digits`)
+from dkdm_cli.teachers.base import Teacher
+from dkdm_cli.teachers.registry import TEACHERS
+
+ADM_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def classify(spec: str) -> str:
+    """One of: registered, hub, run_dir, diffusers_dir, model_file, adm_checkpoint."""
+    if spec.startswith("hf:"):
+        return "hub"
+    if spec in TEACHERS:
+        return "registered"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "checkpoints").is_dir() or (path / "config.resolved.toml").is_file():
+            return "run_dir"
+        if any((path / p).exists() for p in ("model_index.json", "unet", "config.json")):
+            return "diffusers_dir"
+        raise TeacherError(
+            f"{spec}: a folder, but neither a dkdm run directory nor a diffusers model "
+            "(expected checkpoints/, model_index.json, unet/ or config.json inside)"
+        )
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return "model_file"
+        if path.suffix in ADM_SUFFIXES:
+            return "adm_checkpoint"
+        raise TeacherError(
+            f"{spec}: unknown teacher file type {path.suffix!r}; expected .safetensors (dkdm) "
+            f"or {', '.join(ADM_SUFFIXES)} (improved/guided-diffusion)"
+        )
+    if "/" in spec and not spec.startswith((".", "/", "~")):
+        raise TeacherError(
+            f"{spec!r} is ambiguous: no such local path. For a hub model write hf:{spec}; "
+            f"for a local folder write ./{spec}"
+        )
+    if spec.startswith((".", "/", "~")) or Path(spec).suffix:
+        raise TeacherError(f"{spec}: no such file or folder")
+    try:
+        TEACHERS.resolve(spec)
+    except RegistryError as exc:
+        raise TeacherError(f"{exc}. Or give hf:ORG/NAME or a path") from exc
+    return "registered"  # pragma: no cover
+
+
+def resolve_teacher(
+    spec: str, *, arch: str = "", arch_kwargs: dict | None = None, device: str = "cpu"
+) -> Teacher:
+    """Load the teacher a spec names, on `device`."""
+    kind = classify(spec)
+    if kind == "registered":
+        return TEACHERS.create(spec).load(device=device)
+    if kind == "model_file":
+        from dkdm_cli.teachers.native import load_model_file_teacher
+
+        return load_model_file_teacher(Path(spec), device=device)
+    if kind == "run_dir":
+        from dkdm_cli.teachers.native import load_run_teacher
+
+        return load_run_teacher(Path(spec), device=device)
+    if kind == "hub":
+        from dkdm_cli.teachers.hub import load_hub_teacher
+
+        return load_hub_teacher(spec[3:], device=device)
+    if kind == "diffusers_dir":
+        from dkdm_cli.teachers.diffusers_folder import load_diffusers_teacher
+
+        return load_diffusers_teacher(Path(spec), device=device)
+    from dkdm_cli.teachers.adm import load_adm_teacher
+
+    return load_adm_teacher(Path(spec), arch=arch, arch_kwargs=arch_kwargs or {}, device=device)
