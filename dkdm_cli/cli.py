@@ -3,11 +3,11 @@ into one-line messages and exit codes in one place (`run`)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.markup import escape
 
@@ -64,6 +64,21 @@ def _register_optional() -> None:
 _register_optional()
 
 
+def _click_errors() -> tuple[type[Exception], ...]:
+    # Recent typer vendors click as typer._click (and no longer depends on click); older typer
+    # raises click's own exceptions. Catch whichever exist, so usage errors never leak out.
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+_CLICK_ERRORS = _click_errors()
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` and return the exit code (never raises for user errors)."""
     command = typer.main.get_command(app)
@@ -71,12 +86,12 @@ def run(argv: list[str] | None = None) -> int:
     try:
         result = command.main(args=argv, prog_name="dkdm", standalone_mode=False)
         return result if isinstance(result, int) else 0
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:  # on older typer this is click's Exit, re-exported
         return exc.exit_code
-    except click.ClickException as exc:
+    except _CLICK_ERRORS as exc:
         exc.show(file=sys.stderr)
         return exc.exit_code
-    except (click.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         _console.err.print("interrupted")
         return 130
     except DkdmError as exc:

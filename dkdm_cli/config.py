@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -150,7 +151,7 @@ class Config:
     def save(self, path: Path) -> None:
         """Write the resolved configuration as TOML."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(self.to_toml())
+        Path(path).write_text(self.to_toml(), encoding="utf-8")
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Config)}
@@ -174,6 +175,9 @@ def _check_value(where: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     if not ok:
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    # TOML accepts nan and inf; every range check below is False for nan, so refuse them here.
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     meta = f.metadata
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(
@@ -225,11 +229,14 @@ def read_toml(path: Path) -> dict[str, Any]:
     """Parse a TOML file; malformed TOML is a ConfigError naming the file and line."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")  # TOML is UTF-8 by definition
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: config file not found") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a TOML file (not UTF-8 text: {exc.reason} "
+                          f"at byte {exc.start})") from exc
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

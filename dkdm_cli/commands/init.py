@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import string
 from importlib import resources
 from pathlib import Path
@@ -55,7 +56,7 @@ def init(
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{directory} exists and is not a folder")
     directory.mkdir(parents=True, exist_ok=True)
-    target.write_text(render(teacher=teacher, student=student))
-    where = "" if directory == Path(".") else f"cd {directory} && "
+    target.write_text(render(teacher=teacher, student=student), encoding="utf-8")
+    where = "" if directory == Path(".") else f"cd {shlex.quote(str(directory))} && "
     _console.info(f"wrote {target}")
     _console.out.print(f"next: {where}dkdm distill", highlight=False)

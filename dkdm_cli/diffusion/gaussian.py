@@ -305,15 +305,23 @@ class GaussianDiffusion:
 
 def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
     """Which of T steps to keep. `spec`: N (evenly strided, improved-diffusion's rule),
-    "ddimN" (stride T//N as DDIM does), or "a,b,c" (counts per equal section)."""
+    "ddimN" (range(0, T, s) with the smallest stride s giving exactly N steps; equal to
+    diffusers' "leading" spacing when N divides T), or "a,b,c" (counts per equal section)."""
     spec = str(spec)
+    try:
+        counts = [int(c) for c in spec.removeprefix("ddim").split(",")]
+        if spec.startswith("ddim") and len(counts) != 1:
+            raise ValueError(spec)
+    except ValueError:
+        raise ConfigError(
+            f"bad step spec {spec!r}: expected N, ddimN or comma-separated counts like 10,15,20"
+        ) from None
     if spec.startswith("ddim"):
-        n = int(spec[4:])
+        n = counts[0]
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == n:
                 return list(range(0, num_timesteps, stride))
         raise ConfigError(f"cannot take exactly {n} DDIM steps of {num_timesteps}")
-    counts = [int(c) for c in spec.split(",")]
     if any(c < 1 for c in counts):
         raise ConfigError(f"step counts must be positive, got {spec!r}")
     size_per = num_timesteps // len(counts)

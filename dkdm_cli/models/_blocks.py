@@ -27,6 +27,7 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 (ADM's choice: half-precision statistics are unstable)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise (B, C, ...) in float32, return in x's dtype."""
         return super().forward(x.float()).to(x.dtype)
 
 
@@ -53,6 +54,7 @@ class TimestepSequential(nn.Sequential, TimestepBlock):
     """Sequential that hands the embedding to the children that take one."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Apply the children in order; TimestepBlocks also get emb (B, D_emb)."""
         for layer in self:
             x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
         return x
@@ -66,6 +68,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, 2H, 2W)."""
         x = F.interpolate(x, scale_factor=2, mode="nearest")  # (B, C, 2H, 2W)
         return self.conv(x) if self.conv is not None else x
 
@@ -78,6 +81,7 @@ class Downsample(nn.Module):
         self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H/2, W/2)."""
         return self.op(x)  # (B, C, H/2, W/2)
 
 
@@ -115,7 +119,9 @@ class ResBlock(TimestepBlock):
         )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W), emb (B, D_emb) -> (B, C_out, H', W'), H' = H, 2H or H/2."""
         if self.updown:
+            # Resample between the norm-activation and the conv, as guided-diffusion does.
             h = self.in_layers[:-1](x)
             h = self.h_upd(h)
             x = self.x_upd(x)
@@ -148,6 +154,7 @@ class AttentionBlock(nn.Module):
         zero_module(self.attn.proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W): x plus attention over its H*W positions."""
         b, c, h, w = x.shape
         tokens = self.norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
         out = self.attn(tokens).transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)

@@ -44,6 +44,7 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Tokens x (B, N, D) conditioned on c (B, D) -> (B, N, D)."""
         s1, sc1, g1, s2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
         x = x + g1[:, None] * self.attn(modulate(self.norm1(x), s1, sc1))  # (B, N, D)
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), s2, sc2))
@@ -63,6 +64,9 @@ class DiT(nn.Module):
                 f"patch size {patch_size} does not divide image size {image_size}; "
                 "choose a student with a smaller patch (e.g. dit-s/2)"
             )
+        if hidden_size % num_heads:
+            # timm's Attention only asserts this; a ValueError becomes a clear UserError upstream.
+            raise ValueError(f"hidden size {hidden_size} does not split into {num_heads} heads")
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.patch_size, self.freq_dim = patch_size, frequency_embedding_size
         self.x_embedder = PatchEmbed(image_size, patch_size, in_channels, hidden_size, bias=True)
@@ -110,10 +114,11 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Predict the output for noisy x at (original-scale) timesteps t."""
-        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+        # The position embedding fixes the token grid, so only the built size is accepted.
+        if tuple(x.shape[-3:]) != (self.in_channels, self.image_size, self.image_size):
             raise ShapeMismatchError(
-                f"this DiT was built for {self.image_size}x{self.image_size} inputs, "
-                f"got {tuple(x.shape[-2:])}"
+                f"this DiT was built for {self.in_channels}x{self.image_size}x{self.image_size} "
+                f"inputs, got {tuple(x.shape[-3:])}"
             )
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, N, D)
         c = self.t_embedder(timestep_embedding(t, self.freq_dim).to(x.dtype))  # (B, D)
@@ -125,6 +130,8 @@ class DiT(nn.Module):
 
 
 def _dit_preset(depth: int, hidden: int, heads: int, patch: int):
+    """A registry factory for a DiT of the given depth, width, heads and patch size."""
+
     def factory(*, image_size: int, in_channels: int, learn_sigma: bool, **overrides) -> DiT:
         kwargs = dict(
             image_size=image_size, in_channels=in_channels,

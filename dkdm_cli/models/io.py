@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dkdm_cli import __version__
-from dkdm_cli.errors import ModelFileError
+from dkdm_cli.errors import DkdmError, ModelFileError
 from dkdm_cli.models import ModelSpec, build_from_spec
 
 FORMAT = "dkdm-model"
@@ -78,7 +78,10 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], *, sourc
 def save_model(model: nn.Module, path: Path, *, extra: dict[str, Any] | None = None) -> None:
     """Save `model` (which must carry `.spec`) with optional extra metadata (e.g. diffusion)."""
     model = getattr(model, "_orig_mod", model)  # never save a compiled wrapper's prefixes
-    spec: ModelSpec = model.spec
+    spec: ModelSpec | None = getattr(model, "spec", None)
+    if spec is None:
+        # Without a spec the file could not be rebuilt; only create_model attaches one.
+        raise ValueError("model has no .spec; build it with dkdm_cli.models.create_model")
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "dkdm_version": __version__,
            "model": spec.to_dict(), **(extra or {})}
     state = {k: v for k, v in model.state_dict().items()}
@@ -99,16 +102,23 @@ def read_model_doc(path: Path) -> dict[str, Any]:
 
 
 def _parse_doc(meta: dict[str, str], path: Path) -> dict[str, Any]:
+    """The validated JSON document stored under META_KEY."""
     if META_KEY not in meta:
         raise ModelFileError(f"{path}: not a dkdm model file (no '{META_KEY}' metadata)")
     try:
         doc = json.loads(meta[META_KEY])
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{path}: corrupt dkdm metadata ({exc})") from exc
-    if doc.get("format") != FORMAT or doc.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(doc, dict):
+        raise ModelFileError(f"{path}: corrupt dkdm metadata (not a JSON object)")
+    version = doc.get("format_version")
+    if doc.get("format") != FORMAT or not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelFileError(
-            f"{path}: unsupported model format {doc.get('format')} v{doc.get('format_version')}"
+            f"{path}: unsupported model format {doc.get('format')} v{version}; "
+            f"this dkdm reads {FORMAT} up to v{FORMAT_VERSION} (a newer file needs a newer dkdm)"
         )
+    if not isinstance(doc.get("model"), dict):
+        raise ModelFileError(f"{path}: corrupt dkdm metadata (no model description)")
     return doc
 
 
@@ -120,5 +130,10 @@ def load_model(path: Path, *, device: torch.device | str = "cpu") -> tuple[nn.Mo
         model = build_from_spec(ModelSpec.from_dict(doc["model"]))
     except KeyError as exc:
         raise ModelFileError(f"{path}: model metadata lacks {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: corrupt model metadata ({exc})") from exc
+    except DkdmError as exc:
+        # e.g. a registry name this version does not know: say which file asked for it.
+        raise ModelFileError(f"{path}: {exc}") from exc
     load_state_strict(model, tensors, source=str(path))
     return model.to(device), doc

@@ -31,7 +31,7 @@ class ModelSummary:
 def summarize(name: str, *, image_size: int, channels: int, learn_sigma: bool = True,
               flops: bool = True) -> ModelSummary:
     """Parameters and GFLOPs of `name` built for the given image shape."""
-    family = "unet" if name.startswith("unet") else "dit"
+    family = MODELS.resolve(name).split("-")[0]  # registry names are "<family>-<size>"
     try:
         with torch.device("meta"):
             model = create_model(name, image_size=image_size, in_channels=channels,

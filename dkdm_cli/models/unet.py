@@ -20,10 +20,14 @@ from dkdm_cli.models.registry import MODELS
 
 
 class UNet(nn.Module):
-    """ADM UNet. forward(x (B, C, H, W), t (B,)) -> (B, out_channels, H, W).
+    """ADM UNet. forward(x (B, C, H, W), t (B,)) -> (B, out_channels, H, W), for any H and W
+    that the stride 2**(len(channel_mult) - 1) divides.
 
     Module names follow improved-diffusion's UNetModel, so its checkpoints map onto this class
-    by renaming only the attention projections (see teachers/adm.py).
+    by renaming only the attention projections (see teachers/adm.py). improved-diffusion has no
+    `resblock_updown` (its CIFAR-10 model is `unet-b` with resblock_updown=False: 52,546,438
+    parameters, checked against its code); guided-diffusion and the DKDM reference code resample
+    inside ResBlocks, which is what the unet-s/m/b presets do.
     """
 
     def __init__(
@@ -89,15 +93,17 @@ class UNet(nn.Module):
             raise ShapeMismatchError(
                 f"input {tuple(x.shape[-2:])} is not divisible by the UNet's stride {self.stride}"
             )
+        if x.shape[1] != self.in_channels:
+            raise ShapeMismatchError(f"this UNet takes {self.in_channels} channels, got {x.shape[1]}")
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))  # (B, 4mc)
-        hs = []
+        hs = []  # every input block's output, consumed in reverse by the output blocks
         h = x
         for block in self.input_blocks:
-            h = block(h, emb)
+            h = block(h, emb)  # (B, C_level, H/ds, W/ds)
             hs.append(h)
         h = self.middle_block(h, emb)  # (B, C_mid, H/s, W/s)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)  # (B, C_level, H/ds, W/ds)
         return self.out(h)  # (B, out_channels, H, W)
 
 
@@ -115,13 +121,21 @@ def default_channel_mult(image_size: int) -> tuple[int, ...]:
 
 
 def _attention_ds(image_size: int, channel_mult: tuple[int, ...]) -> tuple[int, ...]:
-    # Attention at the 16x16 and 8x8 feature maps, as improved-diffusion's default "16,8".
-    deepest = 2 ** (len(channel_mult) - 1)
-    ds = tuple(image_size // r for r in (16, 8) if image_size % r == 0 and image_size // r >= 1)
-    return tuple(d for d in ds if d <= deepest) or (deepest,)
+    """Downsample factors (ds) of the levels whose feature map is 16x16 or 8x8.
+
+    This is improved-diffusion's default attention_resolutions="16,8" (at 32px: ds 2 and 4).
+    Only the ds a level actually has are returned (1, 2, 4, ...): image_size // 8 for a 24px image
+    is 3, which no level has, and would silently drop attention. When no level is 16 or 8 pixels
+    wide the deepest level gets attention, so every UNet attends somewhere besides its middle.
+    """
+    level_ds = [2**level for level in range(len(channel_mult))]
+    chosen = tuple(ds for ds in level_ds if image_size // ds in (16, 8) and image_size % ds == 0)
+    return chosen or (level_ds[-1],)
 
 
-def _unet_preset(channels: int, blocks: int, dropout: float, heads: int = 4):
+def _unet_preset(channels: int, blocks: int, dropout: float, *, heads: int = 4, updown: bool = False):
+    """A registry factory for a UNet of `channels` base width and `blocks` res blocks per level."""
+
     def factory(*, image_size: int, in_channels: int, learn_sigma: bool, **overrides) -> UNet:
         mult = tuple(overrides.pop("channel_mult", default_channel_mult(image_size)))
         kwargs = dict(
@@ -129,7 +143,7 @@ def _unet_preset(channels: int, blocks: int, dropout: float, heads: int = 4):
             out_channels=in_channels * (2 if learn_sigma else 1),
             model_channels=channels, num_res_blocks=blocks, dropout=dropout,
             channel_mult=mult, attention_resolutions=_attention_ds(image_size, mult),
-            num_heads=heads,
+            num_heads=heads, resblock_updown=updown,
         )
         kwargs.update(overrides)
         kwargs["attention_resolutions"] = tuple(kwargs["attention_resolutions"])
@@ -144,7 +158,13 @@ def _unet_preset(channels: int, blocks: int, dropout: float, heads: int = 4):
     return factory
 
 
-MODELS.register("unet-t")(_unet_preset(24, 1, 0.0, heads=2))  # tiny: tests and CPU demos
-MODELS.register("unet-s")(_unet_preset(64, 3, 0.1))  # ~14M at 32x32x3
-MODELS.register("unet-m")(_unet_preset(96, 3, 0.1))  # ~30M at 32x32x3
-MODELS.register("unet-b")(_unet_preset(128, 3, 0.3))  # ~52M: the paper's CIFAR-10 teacher
+# Preset defaults are part of the model-file format: a file records only the factory's arguments,
+# so a released preset must never change (tests pin their parameter counts).
+# unet-t is the built-in digits teacher (16x16x1: 679,226 parameters); it keeps improved-diffusion's
+# conv resampling. The larger presets resample inside ResBlocks as guided-diffusion and the DKDM
+# reference code do (the 10.7M teacher and 1.9M student measured from it only count out that way);
+# counts at 32x32x3 with learned variance:
+MODELS.register("unet-t")(_unet_preset(24, 1, 0.0, heads=2))  # 0.95M: tests and CPU demos
+MODELS.register("unet-s")(_unet_preset(64, 3, 0.1, updown=True))  # 14.3M
+MODELS.register("unet-m")(_unet_preset(96, 2, 0.1, updown=True))  # 24.9M
+MODELS.register("unet-b")(_unet_preset(128, 3, 0.3, updown=True))  # 57.1M: the paper's CIFAR-10 teacher

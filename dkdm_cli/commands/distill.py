@@ -1,0 +1,65 @@
+"""`dkdm distill`: train a student on the teacher's own denoising chain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dkdm_cli import _console
+from dkdm_cli._options import ConfigOpt, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, SetOpt, StudentOpt, TeacherOpt
+from dkdm_cli.config import load_config
+
+
+def distill(
+    teacher: TeacherOpt = None,
+    student: StudentOpt = None,
+    iterations: Annotated[Optional[int], typer.Option("--iterations", "-n",
+                          help="Total iterations (a resumed run stops exactly here).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", "-b", help="States per iteration.")] = None,
+    mode: Annotated[Optional[str], typer.Option(
+        "--mode", help="basic | shuffle | dynamic | synthetic.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-r", help="Run directory.")] = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile",
+                        help="torch.compile the student.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start over a run directory made with "
+                     "another configuration.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Distill the teacher into the student with DKDM (no training data). Resumes a run directory.
+
+    Example: dkdm distill --teacher digits --student unet-t --iterations 2000 --run-dir runs/demo
+    """
+    from dkdm_cli.distill.engine import distill as run_distill
+
+    flags = {
+        "teacher": {"name": teacher},
+        "student": {"name": student},
+        "distill": {"iterations": iterations, "batch_size": batch_size, "mode": mode, "lr": lr,
+                    "run_dir": str(run_dir) if run_dir is not None else None, "device": device,
+                    "seed": seed, "compile": compile_},
+    }
+    cfg = load_config(config, flags=flags, sets=set_)
+    result = run_distill(cfg, force=force, quiet=quiet, json_out=json_out)
+    summary = {"event": "end", "status": result.status, "run_dir": str(result.run_dir),
+               "step": result.step, "seconds": round(result.seconds, 2),
+               "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+    if not result.is_main:
+        pass
+    elif json_out:
+        _console.print_json(summary)
+    elif not quiet:
+        last = result.last_metrics
+        loss = f", loss {last['loss']:.4f}" if last.get("loss") is not None else ""
+        _console.out.print(f"{result.status}: {result.run_dir} at iteration {result.step}{loss}",
+                           highlight=False)
+    if result.status == "interrupted":
+        raise typer.Exit(130)

@@ -1,0 +1,355 @@
+"""The DKDM training loop: `distill(config)`.
+
+Per iteration, in dynamic mode: draw b states from the pool, ONE teacher forward (no grad)
+gives the target and x_{t-1}, the student trains on the same (x_t, t), the new states go back.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dkdm_cli.config import Config
+from dkdm_cli.diffusion.samplers import Sampler, sample
+from dkdm_cli.distill import runs
+from dkdm_cli.distill.checkpoint import (
+    Checkpoint,
+    checkpoint_path,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from dkdm_cli.distill.distributed import DistInfo, barrier, init_distributed, mean_across, shutdown
+from dkdm_cli.distill.ema import EMA
+from dkdm_cli.distill.objective import dkdm_loss, hybrid_loss
+from dkdm_cli.distill.observe import MetricWindow, Observer
+from dkdm_cli.distill.pool import expected_init_steps, init_pool, pool_size, teacher_step
+from dkdm_cli.distill.state import TrainState, generator_for, pool_from_checkpoint, student_settings
+from dkdm_cli.errors import ShapeMismatchError, TrainingError
+from dkdm_cli.models import count_parameters, create_model
+from dkdm_cli.sample import initial_noise, save_grid, to_uint8
+from dkdm_cli.teachers.base import Teacher
+from dkdm_cli.teachers.spec import resolve_teacher
+
+
+@dataclass
+class DistillResult:
+    """How a `distill` call ended."""
+
+    run_dir: Path
+    step: int
+    status: str  # completed | interrupted | already-complete
+    seconds: float
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    is_main: bool = True  # False on ranks > 0 of a multi-process job
+
+
+class _StopFlag:
+    """Ctrl-C asks the loop to stop at the next iteration boundary; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopFlag:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (e.g. some test runners): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def build_student(cfg: Config, teacher: Teacher, device: torch.device) -> nn.Module:
+    """The student preset fitted to the teacher's sample shape and variance output."""
+    c, h, w = teacher.sample_shape
+    if h != w:
+        raise ShapeMismatchError(f"teacher samples are {h}x{w}; students need square inputs")
+    student = create_model(cfg.student.name, image_size=h, in_channels=c,
+                           learn_sigma=teacher.learn_sigma, **cfg.student.kwargs).to(device)
+    with torch.no_grad():
+        probe = student(torch.zeros(1, c, h, w, device=device), torch.zeros(1, dtype=torch.long,
+                                                                           device=device))
+    want = (2 * c if teacher.learn_sigma else c, h, w)
+    if tuple(probe.shape[1:]) != want:
+        raise ShapeMismatchError(
+            f"student {cfg.student.name} outputs {tuple(probe.shape[1:])}, the teacher needs {want}"
+        )
+    return student
+
+
+def _lr_at(cfg: Config, step: int) -> float:
+    d = cfg.distill
+    return d.lr * min(1.0, (step + 1) / d.warmup) if d.warmup else d.lr
+
+
+def _autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+class Distiller:
+    """One run: setup, start-up, the loop, checkpoints. Use `distill()` unless embedding."""
+
+    def __init__(self, cfg: Config, *, info: DistInfo, run_dir: Path, teacher: Teacher,
+                 observer: Observer) -> None:
+        self.cfg, self.info, self.run_dir, self.teacher, self.obs = cfg, info, run_dir, teacher, observer
+        d = cfg.distill
+        self.device = info.device
+        self.diffusion = teacher.diffusion
+        self.seed = d.seed + info.rank
+        torch.manual_seed(self.seed)
+        student = build_student(cfg, teacher, self.device)
+        opt = torch.optim.AdamW(student.parameters(), lr=d.lr, weight_decay=d.weight_decay)
+        self.state = TrainState(student=student, ema=EMA(student, rate=d.ema_rate, warmup=d.ema_warmup),
+                                opt=opt)
+        self.train_model: nn.Module = student
+        if d.compile:
+            self.train_model = torch.compile(self.train_model)
+        if info.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+        self.settings = student_settings(teacher.settings)
+        self.clip = teacher.settings.clip_denoised
+        self.teacher_forwards = 0  # batches the teacher has seen during training iterations
+
+    # -- teacher calls -----------------------------------------------------------------------
+
+    def _teacher_fn(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.teacher.model_output(x, t)
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def prepare_data(self, ckpt: Checkpoint | None) -> bool:
+        """Build the pool (dkdm modes) or synthetic data set (baseline), from the checkpoint when
+        it holds them; returns whether they came from the checkpoint."""
+        d, T = self.cfg.distill, self.diffusion.num_timesteps
+        resumed_step = ckpt.step if ckpt is not None else 0
+        gen = generator_for(self.device, self.seed * 1_000_003 + resumed_step)
+        shape = self.teacher.sample_shape
+        if d.mode == "synthetic":
+            self.state.data_gen = gen
+            if ckpt is not None and "synthetic/x" in ckpt.tensors:
+                self.state.synthetic = ckpt.tensors["synthetic/x"].to(self.device)
+                gen.set_state(ckpt.tensors["rng/data"])
+                return True
+            self.state.synthetic = self._generate_synthetic(d.synthetic_samples, shape)
+            return False
+        size = pool_size(mode=d.mode, rho=d.rho, num_timesteps=T, batch_size=d.batch_size)
+        if ckpt is not None and not self.info.distributed:
+            pool = pool_from_checkpoint(ckpt, num_timesteps=T, size=size, device=self.device,
+                                        generator=gen)
+            if pool is not None:
+                self.state.pool = pool
+                return True
+        total = expected_init_steps(size=size, num_timesteps=T, init=d.init, init_steps=d.init_steps,
+                                    mode=d.mode)
+        self.obs.phase(f"start-up ({d.init}) teacher steps", total=max(total, 1))
+        start = time.perf_counter()
+        self.state.pool = init_pool(
+            size=size, shape=shape, diffusion=self.diffusion, teacher_fn=self._teacher_fn,
+            mode=d.mode, init=d.init, init_steps=d.init_steps, chunk=d.init_batch_size,
+            clip_denoised=self.clip, device=self.device, generator=gen, tick=self.obs.advance,
+        )
+        pool = self.state.pool
+        self.startup = {"pool_size": len(pool), "pool_bytes": pool.nbytes,
+                        "init": d.init if d.mode != "basic" else "none",
+                        "teacher_sample_steps": pool.teacher_sample_steps,
+                        "seconds": round(time.perf_counter() - start, 3)}
+        return False
+
+    def _generate_synthetic(self, num: int, shape) -> torch.Tensor:
+        self.obs.phase("synthetic teacher samples", total=num)
+        noise = initial_noise(num, shape, seed=self.seed)
+        out = []
+        gen = torch.Generator(device=self.device).manual_seed(self.seed + 7)
+        bs = self.cfg.distill.init_batch_size
+        for i in range(0, num, bs):
+            x = sample(self.teacher.denoise, self.diffusion, noise=noise[i:i + bs].to(self.device),
+                       steps=self.cfg.distill.synthetic_steps, sampler=Sampler.IDDPM,
+                       clip_denoised=self.clip, generator=gen)
+            out.append(x)
+            self.obs.advance(len(x))
+        return torch.cat(out)  # (M, C, H, W)
+
+    # -- one iteration -----------------------------------------------------------------------
+
+    def _batch(self):
+        d, pool = self.cfg.distill, self.state.pool
+        if pool is not None:
+            idx = pool.draw(d.batch_size)
+            x, t = pool.x[idx], pool.t[idx]  # (b, C, H, W), (b,)
+            res = teacher_step(self._teacher_fn, self.diffusion, x=x, t=t,
+                               noise=pool.randn(x.shape), clip_denoised=self.clip)
+            self.teacher_forwards += 1
+            pool.write_back(idx, res.x_next, t)
+            return x, t, res.teacher_out, None
+        gen = self.state.data_gen
+        idx = torch.randint(0, len(self.state.synthetic), (d.batch_size,), generator=gen,
+                            device=self.device)
+        x0 = self.state.synthetic[idx]
+        t = torch.randint(0, self.diffusion.num_timesteps, (d.batch_size,), generator=gen,
+                          device=self.device)
+        noise = torch.randn(x0.shape, generator=gen, device=self.device)
+        return self.diffusion.q_sample(x0, t, noise), t, None, (x0, noise)
+
+    def iteration(self, window: MetricWindow) -> torch.Tensor:
+        """One training iteration; returns the loss (on the device, not synchronised)."""
+        d, st = self.cfg.distill, self.state
+        x, t, teacher_out, data = self._batch()
+        for group in st.opt.param_groups:
+            group["lr"] = _lr_at(self.cfg, st.step)
+        with _autocast(self.device, d.precision):
+            out = self.train_model(x, self.diffusion.model_timesteps(t))
+        if data is None:
+            terms = dkdm_loss(self.diffusion, teacher_out=teacher_out, student_out=out, x_t=x, t=t,
+                              lam=d.vlb_lambda, clip_denoised=self.clip)
+        else:
+            terms = hybrid_loss(self.diffusion, model_out=out, x0=data[0], x_t=x, t=t, noise=data[1],
+                                lam=d.vlb_lambda)
+        st.opt.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        if d.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(st.student.parameters(), d.grad_clip)
+        else:
+            grad_norm = torch.zeros((), device=self.device)
+        st.opt.step()
+        st.ema.update(st.student)
+        st.step += 1
+        per_sample = terms.mse if terms.kl is None else terms.mse + d.vlb_lambda * \
+            self.diffusion.num_timesteps * terms.kl
+        window.add(loss=terms.loss, mse=terms.mse, kl=terms.kl, per_sample=per_sample, t=t,
+                   grad_norm=grad_norm)
+        return terms.loss
+
+    # -- outputs -----------------------------------------------------------------------------
+
+    def save(self) -> Path | None:
+        """Checkpoint the current state (main rank), keep the last K."""
+        d = self.cfg.distill
+        path = checkpoint_path(self.run_dir, self.state.step)
+        if self.info.is_main:
+            save_pool = d.save_pool and not self.info.distributed
+            tensors, doc = self.state.to_tensors(save_pool=save_pool)
+            doc.update(runs.checkpoint_doc(self.cfg, self.teacher, self.state.student, self.settings))
+            save_checkpoint(path, tensors, doc)
+            prune_checkpoints(self.run_dir, d.keep_last)
+        barrier(self.info)
+        return path
+
+    @torch.no_grad()
+    def write_grid(self) -> None:
+        """A fixed-noise grid of EMA-student samples, so the user sees the student improve."""
+        if not self.info.is_main:
+            return
+        d = self.cfg.distill
+        noise = initial_noise(d.grid_num, self.teacher.sample_shape, seed=d.seed + 2024).to(self.device)
+        gen = torch.Generator(device=self.device).manual_seed(d.seed + 2025)
+        shadow = self.state.ema.shadow
+        x = sample(lambda x, t: shadow(x, t).float(), self.diffusion, noise=noise,
+                   steps=d.grid_steps, sampler=Sampler.IDDPM, clip_denoised=self.clip, generator=gen)
+        images = to_uint8(self.teacher.decode(x))
+        save_grid(images, self.run_dir / "grids" / f"step-{self.state.step:08d}.png",
+                  scale=max(1, 64 // images.shape[1]))
+
+    def _record(self, window: MetricWindow, batch: int) -> dict[str, Any]:
+        summary = window.summary()
+        if self.info.distributed:
+            keys = [k for k, v in summary.items() if v is not None]
+            vals = mean_across(self.info, torch.tensor([summary[k] for k in keys], device=self.device))
+            summary.update(dict(zip(keys, vals.tolist(), strict=True)))
+        seconds = max(time.perf_counter() - window.started, 1e-9)
+        its = window.iterations / seconds
+        return {"step": self.state.step, **summary, "lr": _lr_at(self.cfg, self.state.step - 1),
+                "it_per_s": its, "images_per_s": its * batch}
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def train(self, stop: _StopFlag) -> tuple[str, dict[str, Any]]:
+        """Iterate until `iterations` (exactly), an interrupt, or a non-finite loss."""
+        d = self.cfg.distill
+        batch = d.batch_size * self.info.world_size
+        window = MetricWindow(self.device, self.diffusion.num_timesteps)
+        self.obs.phase("distill", total=d.iterations, completed=self.state.step)
+        last: dict[str, Any] = {}
+        while self.state.step < d.iterations:
+            if stop.requested:
+                return "interrupted", last
+            self.iteration(window)
+            step = self.state.step
+            self.obs.advance(1)
+            boundary = step % d.log_every == 0 or step == d.iterations
+            saving = step % d.save_every == 0 or step == d.iterations
+            if boundary or saving:
+                record = self._record(window, batch)
+                window.reset()
+                if not math.isfinite(record["loss"]):
+                    raise TrainingError(
+                        f"the loss became non-finite by iteration {step}; stopped without saving. "
+                        f"The last good checkpoint in {self.run_dir / 'checkpoints'} is kept; try a "
+                        "lower --lr or gradient clipping")
+                self.obs.log(record)
+                last = record
+            if saving:
+                self.save()
+            if d.grid_every and step % d.grid_every == 0:
+                self.write_grid()
+        return "completed", last
+
+
+def distill(cfg: Config, *, force: bool = False, quiet: bool = False, json_out: bool = False,
+            teacher: Teacher | None = None) -> DistillResult:
+    """Train `cfg.student` to imitate `cfg.teacher`'s denoising, with no data. Resumes a run
+    directory that already has checkpoints; refuses one made with another config unless `force`."""
+    info = init_distributed(cfg.distill.device)
+    start = time.perf_counter()
+    try:
+        run_dir = runs.resolve_run_dir(cfg)
+        # Rank 0 checks and writes the run directory first; the others then only read it.
+        ckpt = runs.prepare_run_dir(run_dir, cfg, force=force, is_main=True) if info.is_main else None
+        barrier(info)
+        if not info.is_main:
+            ckpt = runs.prepare_run_dir(run_dir, cfg, force=force, is_main=False)
+        if ckpt is not None and ckpt.step >= cfg.distill.iterations:
+            return DistillResult(run_dir, ckpt.step, "already-complete", 0.0, checkpoint=ckpt.path,
+                                 is_main=info.is_main)
+        if teacher is None:
+            teacher = resolve_teacher(cfg.teacher.name, arch=cfg.teacher.arch,
+                                      arch_kwargs=cfg.teacher.arch_kwargs, device=str(info.device))
+        if info.device.type == "cuda":
+            teacher.to(info.device, dtype=torch.float16)
+        else:
+            teacher.to(info.device)
+        with Observer(run_dir, is_main=info.is_main, quiet=quiet, json_out=json_out,
+                      tensorboard=cfg.distill.tensorboard) as obs, _StopFlag() as stop:
+            run = Distiller(cfg, info=info, run_dir=run_dir, teacher=teacher, observer=obs)
+            runs.announce(obs, cfg, info, teacher, run.state.student, count_parameters)
+            restored = run.prepare_data(ckpt)
+            if ckpt is not None:
+                run.state.restore(ckpt)
+                runs.warn_if_pool_reset(obs, cfg, restored)
+            elif info.is_main and getattr(run, "startup", None):
+                runs.write_startup(run_dir, run.startup)
+            status, last = run.train(stop)
+            path = run.save() if status == "interrupted" else checkpoint_path(run_dir, run.state.step)
+        return DistillResult(run_dir, run.state.step, status, time.perf_counter() - start, last, path,
+                             is_main=info.is_main)
+    finally:
+        shutdown(info)

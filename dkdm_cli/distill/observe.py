@@ -1,0 +1,127 @@
+"""Observability of a run: progress bar, --json lines, metrics.jsonl, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from dkdm_cli import _console
+
+
+class MetricWindow:
+    """Sums of per-iteration metrics kept on the device; read (one sync) at log time."""
+
+    def __init__(self, device: torch.device, num_timesteps: int) -> None:
+        self.device, self.T = device, num_timesteps
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window."""
+        z = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.loss, self.mse, self.kl, self.grad = z.clone(), z.clone(), z.clone(), z.clone()
+        self.q_sum = torch.zeros(4, device=self.device, dtype=torch.float64)
+        self.q_count = torch.zeros(4, device=self.device, dtype=torch.float64)
+        self.iterations, self.has_kl = 0, False
+        self.started = time.perf_counter()
+
+    def add(self, *, loss, mse, kl, per_sample, t, grad_norm) -> None:
+        """Accumulate one iteration (tensors stay on the device)."""
+        self.loss += loss.detach()
+        self.mse += mse.detach().mean()
+        if kl is not None:
+            self.kl += kl.detach().mean()
+            self.has_kl = True
+        self.grad += grad_norm.detach()
+        quarter = (t * 4 // self.T).clamp(max=3)  # (B,) which quarter of 0..T-1 each true t is in
+        self.q_sum.index_add_(0, quarter, per_sample.detach().double())
+        self.q_count.index_add_(0, quarter, torch.ones_like(per_sample, dtype=torch.float64))
+        self.iterations += 1
+
+    def summary(self) -> dict[str, Any]:
+        """Means over the window (synchronises with the device once)."""
+        n = max(1, self.iterations)
+        vals = torch.stack([self.loss, self.mse, self.kl, self.grad]).cpu() / n
+        q = (self.q_sum / self.q_count.clamp(min=1)).cpu().tolist()
+        counts = self.q_count.cpu().tolist()
+        out = {"loss": vals[0].item(), "mse": vals[1].item(),
+               "kl": vals[2].item() if self.has_kl else None, "grad_norm": vals[3].item()}
+        for i in range(4):
+            out[f"loss_t_q{i + 1}"] = q[i] if counts[i] else None
+        return out
+
+
+class Observer:
+    """Everything a run reports. Only the main rank writes; `quiet` silences the bar."""
+
+    def __init__(self, run_dir: Path, *, is_main: bool, quiet: bool, json_out: bool,
+                 tensorboard: bool) -> None:
+        self.run_dir, self.is_main, self.json_out = Path(run_dir), is_main, json_out
+        self.show = is_main and not quiet and not json_out
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=_console.err, disable=not self.show, refresh_per_second=4,
+        )
+        self.task = None
+        self.writer = None
+        if tensorboard and is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                _console.warn("tensorboard is not installed (pip install tensorboard); not logging to it")
+            else:
+                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def __enter__(self) -> Observer:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+        if self.writer is not None:
+            self.writer.close()
+
+    def phase(self, description: str, total: int, completed: int = 0) -> None:
+        """Start a new progress phase (start-up, distillation)."""
+        if self.task is not None:
+            self.progress.update(self.task, visible=False)
+        self.task = self.progress.add_task(description, total=total, completed=completed, status="")
+
+    def advance(self, n: int = 1, status: str | None = None) -> None:
+        """Advance the current phase."""
+        if self.task is not None:
+            kw = {"status": status} if status is not None else {}
+            self.progress.update(self.task, advance=n, **kw)
+
+    def message(self, text: str) -> None:
+        """A line for humans (stderr), only from the main rank and not in --json mode."""
+        if self.is_main and not self.json_out:
+            self.progress.console.print(text, highlight=False)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One metrics record: metrics.jsonl, --json stdout, TensorBoard, bar status."""
+        if not self.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.json_out:
+            _console.print_json(record)
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, int | float) and key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+        status = (f"loss {record['loss']:.4f}  {record['it_per_s']:.2f} it/s  "
+                  f"{record['images_per_s']:.0f} img/s")
+        self.advance(0, status=status)

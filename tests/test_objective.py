@@ -1,0 +1,130 @@
+"""The DKDM objective against a hand computation, and the state pool's bookkeeping."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dkdm_cli.diffusion.gaussian import GaussianDiffusion, Prediction, VarianceType
+from dkdm_cli.distill.objective import dkdm_loss, vlb_weight
+from dkdm_cli.distill.pool import StatePool, init_pool, pool_size
+
+
+def _diffusion(T=4):
+    betas = np.array([0.1, 0.2, 0.3, 0.4][:T])
+    return GaussianDiffusion(betas, prediction=Prediction.EPSILON, variance=VarianceType.LEARNED_RANGE)
+
+
+def _hand_kl_bits(x, t, teacher, student, betas, clip):
+    """Per-sample KL(p_T || p_S) computed from scratch with Python floats (C = H = W = 1)."""
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    post_log = np.log(np.append(post_var[1], post_var[1:]))
+
+    def mean_logvar(eps, v):
+        x0 = (x - math.sqrt(1 - abar[t]) * eps) / math.sqrt(abar[t])
+        if clip:
+            x0 = min(1.0, max(-1.0, x0))
+        mean = (betas[t] * math.sqrt(abar_prev[t]) / (1 - abar[t])) * x0 + \
+            ((1 - abar_prev[t]) * math.sqrt(1 - betas[t]) / (1 - abar[t])) * x
+        frac = (v + 1) / 2
+        return mean, frac * math.log(betas[t]) + (1 - frac) * post_log[t]
+
+    m1, l1 = mean_logvar(*teacher)
+    m2, l2 = mean_logvar(*student)
+    kl = 0.5 * (-1 + l2 - l1 + math.exp(l1 - l2) + (m1 - m2) ** 2 * math.exp(-l2))
+    return kl / math.log(2)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_dkdm_loss_matches_hand_computation(clip):
+    diffusion = _diffusion()
+    betas = diffusion.betas.numpy()
+    x = torch.tensor([[[[0.3]]], [[[-1.7]]], [[[2.5]]]], dtype=torch.float64)  # (3, 1, 1, 1)
+    t = torch.tensor([0, 2, 3])
+    teacher = torch.tensor([[0.5, 0.2], [-0.4, -0.9], [1.2, 0.7]], dtype=torch.float64)[..., None, None]
+    student = torch.tensor([[0.1, -0.3], [0.2, 0.4], [0.9, -0.1]], dtype=torch.float64)[..., None, None]
+    terms = dkdm_loss(diffusion, teacher_out=teacher.float(), student_out=student.float(),
+                      x_t=x.float(), t=t, lam=0.001, clip_denoised=clip)
+    mse = [(float(a) - float(b)) ** 2 for a, b in zip(teacher[:, 0].flatten(), student[:, 0].flatten(),
+                                                       strict=True)]
+    kls = [_hand_kl_bits(float(x[i]), int(t[i]), (float(teacher[i, 0]), float(teacher[i, 1])),
+                         (float(student[i, 0]), float(student[i, 1])), betas, clip) for i in range(3)]
+    assert terms.mse.tolist() == pytest.approx(mse, rel=1e-5)
+    assert terms.kl.tolist() == pytest.approx(kls, rel=1e-4, abs=1e-6)
+    weight = 0.001 * 4  # lambda * T
+    assert vlb_weight(lam=0.001, num_timesteps=4) == weight
+    expected = sum(m + weight * k for m, k in zip(mse, kls, strict=True)) / 3
+    assert terms.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_kl_term_does_not_train_the_students_eps():
+    diffusion = _diffusion()
+    x = torch.randn(5, 1, 2, 2)
+    t = torch.tensor([0, 1, 2, 3, 1])
+    teacher = torch.randn(5, 2, 2, 2)
+    student = torch.randn(5, 2, 2, 2, requires_grad=True)
+    dkdm_loss(diffusion, teacher_out=teacher, student_out=student, x_t=x, t=t).loss.backward()
+    # d/d eps_S of mean((eps_T - eps_S)^2) only: the KL reaches the eps channel through nothing.
+    expected = 2 * (student[:, :1] - teacher[:, :1]) / (5 * 4)
+    assert torch.allclose(student.grad[:, :1], expected.detach(), atol=1e-6)
+    assert student.grad[:, 1:].abs().sum() > 0  # the variance channel is trained by the KL
+
+
+def test_fixed_variance_teacher_gives_mse_only():
+    diffusion = GaussianDiffusion(np.array([0.1, 0.2]), variance=VarianceType.FIXED_SMALL)
+    terms = dkdm_loss(diffusion, teacher_out=torch.ones(2, 1, 2, 2), student_out=torch.zeros(2, 1, 2, 2),
+                      x_t=torch.zeros(2, 1, 2, 2), t=torch.tensor([0, 1]))
+    assert terms.kl is None and terms.loss.item() == pytest.approx(1.0)
+
+
+def test_pool_sizes():
+    assert pool_size(mode="dynamic", rho=0.4, num_timesteps=1000, batch_size=128) == 51_200
+    assert pool_size(mode="dynamic", rho=0.001, num_timesteps=1000, batch_size=3) == 3
+    assert pool_size(mode="basic", rho=0.4, num_timesteps=1000, batch_size=7) == 7
+
+
+def test_draw_is_distinct_and_write_back_restarts():
+    gen = torch.Generator().manual_seed(0)
+    pool = StatePool(torch.zeros(10, 1, 2, 2), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+                     num_timesteps=10, generator=gen)
+    idx = pool.draw(6)
+    assert len(set(idx.tolist())) == 6
+    full = pool.draw(10)
+    assert full.tolist() == list(range(10))
+    t = pool.t[idx].clone()
+    pool.write_back(idx, torch.ones(6, 1, 2, 2), t)
+    for i, ti in zip(idx.tolist(), t.tolist(), strict=True):
+        if ti == 0:
+            assert pool.t[i] == 9 and not torch.equal(pool.x[i], torch.ones(1, 2, 2))
+        else:
+            assert pool.t[i] == ti - 1 and torch.equal(pool.x[i], torch.ones(1, 2, 2))
+
+
+@pytest.mark.parametrize("init", ["exact", "fast"])
+def test_init_reaches_start_steps_at_the_stated_cost(init):
+    T, n, k = 12, 40, 3
+    diffusion = GaussianDiffusion(np.linspace(0.05, 0.3, T), variance=VarianceType.FIXED_SMALL)
+    seen = []
+
+    def teacher_fn(x, t):
+        seen.append(t.clone())
+        return 0.1 * x  # any smooth eps predictor
+
+    pool = init_pool(size=n, shape=(1, 2, 2), diffusion=diffusion, teacher_fn=teacher_fn, mode="dynamic",
+                     init=init, init_steps=k, chunk=16, clip_denoised=True, device=torch.device("cpu"),
+                     generator=torch.Generator().manual_seed(1))
+    steps_needed = (T - 1 - pool.t).clamp(min=0)
+    if init == "exact":
+        assert pool.teacher_sample_steps == int(steps_needed.sum())
+        # every call is one ancestral step at a single t, from T-1 downwards
+        assert all(len(set(s.tolist())) == 1 for s in seen)
+    else:
+        assert pool.teacher_sample_steps == int(steps_needed.clamp(max=k).sum())
+    assert pool.t.min() >= 0 and pool.t.max() <= T - 1
+    assert len(set(pool.t.tolist())) > T // 2  # start steps are spread over 0..T-1
+    assert torch.isfinite(pool.x).all()
