@@ -9,8 +9,6 @@ from rich.table import Table
 
 from dkdm_cli import _console
 from dkdm_cli._options import JsonOpt
-from dkdm_cli.models.registry import MODELS
-from dkdm_cli.models.summary import summarize_all
 
 
 def students(
@@ -22,6 +20,9 @@ def students(
 
     Example: dkdm students --image-size 16 --channels 1 --json
     """
+    from dkdm_cli.models import MODELS
+    from dkdm_cli.models.summary import summarize_all
+
     rows = summarize_all(image_size=image_size, channels=channels)
     aliases = MODELS.aliases()
     if json_out:

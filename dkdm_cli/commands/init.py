@@ -13,7 +13,6 @@ import typer
 from dkdm_cli import _console
 from dkdm_cli.config import DEFAULT_CONFIG_NAME, Config
 from dkdm_cli.errors import DkdmError, UserError
-from dkdm_cli.models.registry import MODELS
 
 
 class AlreadyExists(DkdmError):
@@ -46,6 +45,8 @@ def init(
     defaults = Config()
     teacher = teacher or defaults.teacher.name
     student = student or defaults.student.name
+    from dkdm_cli.models import MODELS  # imported here: torch and timm are slow to import
+
     if student not in MODELS:
         MODELS.resolve(student)  # raises the registry's "did you mean" error
     if '"' in teacher or "\\" in teacher:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dkdm_cli.errors import RegistryError, TeacherError
 from dkdm_cli.teachers import builtin as _builtin  # noqa: F401  (registers `digits`)
+from dkdm_cli.teachers import public as _public  # noqa: F401  (registers the public teachers)
 from dkdm_cli.teachers.base import Teacher
 from dkdm_cli.teachers.registry import TEACHERS
 

@@ -1,0 +1,158 @@
+"""Public pretrained teachers, registered by name (`dkdm teachers`).
+
+Hub teachers live in the Hugging Face cache; direct-link checkpoints are downloaded once into
+platformdirs' user cache (`<cache>/dkdm/teachers`, e.g. ~/.cache/dkdm/teachers on Linux) with a
+progress bar. A direct file's sha256 is checked against the published value where one is known;
+otherwise the hash of the first download is stored beside it (`<file>.sha256`) and every later
+load is checked against that, so a truncated or replaced file is caught. `is_cached` never touches
+the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from dkdm_cli.errors import ModelFileError, OfflineError
+from dkdm_cli.teachers.base import Teacher, TeacherEntry
+from dkdm_cli.teachers.registry import register_teacher
+
+_CHUNK = 1 << 20
+DOWNLOAD_TIMEOUT_S = 30.0
+
+
+def teachers_cache_dir() -> Path:
+    """Where direct-link teacher checkpoints are kept."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("dkdm")) / "teachers"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def verify_file(path: Path, sha256: str | None = None) -> None:
+    """Check `path` against the known hash, else its sidecar (written on first sight)."""
+    sidecar = _sidecar(path)
+    expected = sha256 or (sidecar.read_text().split()[0] if sidecar.is_file() else None)
+    actual = _sha256(path)
+    if expected is None:
+        sidecar.write_text(f"{actual}  {path.name}\n")
+        return
+    if actual != expected:
+        raise ModelFileError(
+            f"{path}: sha256 {actual[:12]}... does not match the expected {expected[:12]}...; the "
+            "file is corrupt or was replaced. Delete it (and its .sha256) to download it again"
+        )
+
+
+def download_once(url: str, dest: Path, *, sha256: str | None = None) -> Path:
+    """`dest`, downloading `url` there first if it is missing; hash-checked either way."""
+    dest = Path(dest)
+    if dest.is_file():
+        verify_file(dest, sha256)
+        return dest
+    if os.environ.get("DKDM_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise OfflineError(f"{dest.name} is not cached and downloads are disabled (offline); "
+                           f"put the file from {url} at {dest}")
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from dkdm_cli import _console
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                       TransferSpeedColumn())
+            with Progress(*columns, console=_console.err, transient=True) as progress:
+                task = progress.add_task(f"downloading {dest.name}", total=total)
+                while chunk := resp.read(_CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    progress.advance(task, len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+        actual = digest.hexdigest()
+        if sha256 and actual != sha256:
+            raise ModelFileError(f"{url}: downloaded file has sha256 {actual}, expected {sha256}")
+        os.replace(tmp, dest)
+        _sidecar(dest).write_text(f"{actual}  {dest.name}\n")
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        raise OfflineError(f"cannot download {url} ({exc}); put the file at {dest}, or pass any "
+                           "local copy as the teacher spec") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+# -- the registered teachers ------------------------------------------------------------------
+
+def _hub_entry(name: str, repo: str, description: str, *, size: int, channels: int,
+               parameters: int | None, latent: bool = False) -> TeacherEntry:
+    from dkdm_cli.teachers.hub import is_hub_cached, load_hub_teacher
+
+    def load(device: str = "cpu") -> Teacher:
+        return load_hub_teacher(repo, device=device, name=name)
+
+    return TeacherEntry(name=name, source=f"hf:{repo}", description=description, image_size=size,
+                        channels=channels, parameters=parameters, load=load,
+                        is_cached=partial(is_hub_cached, repo), latent=latent)
+
+
+def _direct_entry(name: str, url: str, arch: str, description: str, *, size: int,
+                  parameters: int, sha256: str | None = None) -> TeacherEntry:
+    def path() -> Path:
+        return teachers_cache_dir() / url.rsplit("/", 1)[1]
+
+    def load(device: str = "cpu") -> Teacher:
+        from dkdm_cli.teachers.adm import load_adm_teacher
+
+        teacher = load_adm_teacher(download_once(url, path(), sha256=sha256), arch=arch, device=device)
+        teacher.name, teacher.source = name, url
+        return teacher
+
+    is_cached: Callable[[], bool] = lambda: path().is_file()  # noqa: E731
+    return TeacherEntry(name=name, source=url, description=description, image_size=size,
+                        channels=3, parameters=parameters, load=load,
+                        is_cached=is_cached)
+
+
+IDDPM_CIFAR10_URL = "https://openaipublic.blob.core.windows.net/diffusion/march-2021/cifar10_uncond_50M_500K.pt"
+
+# Parameter counts: the hub models' are the published ones (DDPM: 35.7M and 114M; LDM-VQ-4
+# CelebA-HQ: 274M), the loaded teacher reports its exact count; the ADM preset's is exact (a test
+# rebuilds it on the meta device).
+for _entry in (
+    _hub_entry("ddpm-cifar10", "google/ddpm-cifar10-32",
+               "DDPM (Ho et al.) CIFAR-10 32x32, linear T=1000, eps, fixed variance",
+               size=32, channels=3, parameters=35_700_000),
+    _hub_entry("ddpm-celebahq", "google/ddpm-ema-celebahq-256",
+               "DDPM (Ho et al.) CelebA-HQ 256x256 (EMA weights), linear T=1000, eps",
+               size=256, channels=3, parameters=114_000_000),
+    _hub_entry("ldm-celebahq", "CompVis/ldm-celebahq-256",
+               "LDM-VQ-f4 CelebA-HQ 256x256: 64x64x3 latents, T=1000, eps (the paper's latent teacher)",
+               size=64, channels=3, parameters=274_000_000, latent=True),
+    _direct_entry("iddpm-cifar10", IDDPM_CIFAR10_URL, "iddpm-cifar10",
+                  "Improved DDPM CIFAR-10 32x32 (cifar10_uncond_50M_500K), cosine T=4000, learned variance",
+                  size=32, parameters=52_546_438),
+):
+    register_teacher(_entry)
