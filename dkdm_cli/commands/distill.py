@@ -15,6 +15,9 @@ from dkdm_cli.config import load_config
 def distill(
     teacher: TeacherOpt = None,
     student: StudentOpt = None,
+    teacher_arch: Annotated[Optional[str], typer.Option(
+        "--teacher-arch", help="Architecture preset of an improved/guided-diffusion .pt teacher, "
+        "e.g. iddpm-cifar10.", show_default=False)] = None,
     iterations: Annotated[Optional[int], typer.Option("--iterations", "-n",
                           help="Total iterations (a resumed run stops exactly here).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(
@@ -41,7 +44,7 @@ def distill(
     from dkdm_cli.distill.engine import distill as run_distill
 
     flags = {
-        "teacher": {"name": teacher},
+        "teacher": {"name": teacher, "arch": teacher_arch},
         "student": {"name": student},
         "distill": {"iterations": iterations, "batch_size": batch_size, "mode": mode, "lr": lr,
                     "run_dir": str(run_dir) if run_dir is not None else None, "device": device,
