@@ -61,19 +61,20 @@ class DistillConfig:
 
     mode: str = opt("dynamic", "basic | shuffle | dynamic | synthetic (the data-free baseline)",
                     choices=("basic", "shuffle", "dynamic", "synthetic"))
-    iterations: int = opt(2000, "total training iterations (resuming continues up to this)", min=1)
+    iterations: int = opt(1500, "total training iterations (resuming continues up to this)", min=1)
     batch_size: int = opt(64, "states per iteration, b", min=1)
-    rho: float = opt(0.4, "pool size factor: N = ceil(rho * T * b) in dynamic mode", gt=0)
+    rho: float = opt(0.1, "pool size factor: N = ceil(rho * T * b) in dynamic mode (paper: 0.4)",
+                     gt=0)
     init: str = opt("fast", "pool start-up: exact (paper, ~N*T/2 teacher steps) | fast",
                     choices=("exact", "fast"))
-    init_steps: int = opt(10, "fast init: at most this many teacher steps per state", min=1)
+    init_steps: int = opt(8, "fast init: at most this many teacher steps per state", min=1)
     init_batch_size: int = opt(256, "teacher batch size during pool start-up", min=1)
     vlb_lambda: float = opt(0.001, "lambda of L_vlb* (weight of the per-t KL = lambda * T)", min=0)
-    lr: float = opt(1e-4, "AdamW learning rate (constant after warm-up)", gt=0)
-    warmup: int = opt(0, "linear learning-rate warm-up iterations", min=0)
+    lr: float = opt(4e-4, "AdamW learning rate, constant after warm-up (paper: 1e-4)", gt=0)
+    warmup: int = opt(100, "linear learning-rate warm-up iterations", min=0)
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0)
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0 disables)", min=0)
-    ema_rate: float = opt(0.9999, "EMA decay of the student's weights", min=0, max=1)
+    ema_rate: float = opt(0.999, "EMA decay of the student's weights (paper: 0.9999)", min=0, max=1)
     ema_warmup: bool = opt(True, "ramp the EMA decay as min(rate, (1+n)/(10+n))")
     seed: int = opt(0, "random seed (each rank adds its rank)", min=0)
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
