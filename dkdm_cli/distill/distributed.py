@@ -55,13 +55,13 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def mean_across(info: DistInfo, value: torch.Tensor) -> torch.Tensor:
-    """The mean of a tensor over ranks (for logging)."""
+def sum_across(info: DistInfo, value: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over ranks (for logging); the tensor must have one shape on all."""
     if not info.distributed:
         return value
     value = value.clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / info.world_size
+    return value
 
 
 def shutdown(info: DistInfo) -> None:

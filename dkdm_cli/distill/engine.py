@@ -25,7 +25,7 @@ from dkdm_cli.distill.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from dkdm_cli.distill.distributed import DistInfo, barrier, init_distributed, mean_across, shutdown
+from dkdm_cli.distill.distributed import DistInfo, barrier, init_distributed, shutdown, sum_across
 from dkdm_cli.distill.ema import EMA
 from dkdm_cli.distill.objective import dkdm_loss, hybrid_loss
 from dkdm_cli.distill.observe import MetricWindow, Observer
@@ -270,11 +270,8 @@ class Distiller:
                   scale=max(1, 64 // images.shape[1]))
 
     def _record(self, window: MetricWindow, batch: int) -> dict[str, Any]:
-        summary = window.summary()
-        if self.info.distributed:
-            keys = [k for k, v in summary.items() if v is not None]
-            vals = mean_across(self.info, torch.tensor([summary[k] for k in keys], device=self.device))
-            summary.update(dict(zip(keys, vals.tolist(), strict=True)))
+        reduce = (lambda v: sum_across(self.info, v)) if self.info.distributed else None
+        summary = window.summary(reduce)
         seconds = max(time.perf_counter() - window.started, 1e-9)
         its = window.iterations / seconds
         return {"step": self.state.step, **summary, "lr": _lr_at(self.cfg, self.state.step - 1),

@@ -49,16 +49,21 @@ class MetricWindow:
         self.q_count.index_add_(0, quarter, torch.ones_like(per_sample, dtype=torch.float64))
         self.iterations += 1
 
-    def summary(self) -> dict[str, Any]:
-        """Means over the window (synchronises with the device once)."""
-        n = max(1, self.iterations)
-        vals = torch.stack([self.loss, self.mse, self.kl, self.grad]).cpu() / n
-        q = (self.q_sum / self.q_count.clamp(min=1)).cpu().tolist()
-        counts = self.q_count.cpu().tolist()
-        out = {"loss": vals[0].item(), "mse": vals[1].item(),
-               "kl": vals[2].item() if self.has_kl else None, "grad_norm": vals[3].item()}
+    def summary(self, reduce_sum=None) -> dict[str, Any]:
+        """Means over the window (one device sync). `reduce_sum` sums a tensor over ranks, so
+        a multi-process job reports the means over every rank's samples."""
+        packed = torch.cat([torch.stack([self.loss, self.mse, self.kl, self.grad]), self.q_sum,
+                            self.q_count, torch.tensor([float(self.iterations)], device=self.device,
+                                                       dtype=torch.float64)])  # (13,)
+        if reduce_sum is not None:
+            packed = reduce_sum(packed)
+        vals = packed.cpu().tolist()
+        n = max(1.0, vals[12])
+        out = {"loss": vals[0] / n, "mse": vals[1] / n, "kl": vals[2] / n if self.has_kl else None,
+               "grad_norm": vals[3] / n}
         for i in range(4):
-            out[f"loss_t_q{i + 1}"] = q[i] if counts[i] else None
+            count = vals[8 + i]
+            out[f"loss_t_q{i + 1}"] = vals[4 + i] / count if count else None
         return out
 
 
