@@ -128,3 +128,24 @@ def test_init_reaches_start_steps_at_the_stated_cost(init):
     assert pool.t.min() >= 0 and pool.t.max() <= T - 1
     assert len(set(pool.t.tolist())) > T // 2  # start steps are spread over 0..T-1
     assert torch.isfinite(pool.x).all()
+
+
+def test_ema_update_and_warmup():
+    from torch import nn
+
+    from dkdm_cli.distill.ema import EMA
+
+    model = nn.Linear(3, 2)
+    ema = EMA(model, rate=0.9, warmup=True)
+    assert ema.decay() == pytest.approx(1 / 10)  # (1 + 0) / (10 + 0)
+    old = [p.detach().clone() for p in ema.shadow.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for s, o, live in zip(ema.shadow.parameters(), old, model.parameters(), strict=True):
+        assert torch.allclose(s, 0.1 * o + 0.9 * live)
+    for _ in range(200):
+        ema.update(model)
+    assert ema.decay() == 0.9  # the warm-up ramp is capped at the rate
+    assert not any(p.requires_grad for p in ema.shadow.parameters())

@@ -27,12 +27,14 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """shadow <- d * shadow + (1 - d) * live, for every parameter and floating buffer."""
+        """shadow <- d * shadow + (1 - d) * live, for every parameter; buffers are copied."""
         d = self.decay()
-        live = dict(model.named_parameters())
-        for name, p in self.shadow.named_parameters():
-            p.lerp_(live[name].detach(), 1.0 - d)
-        live_buffers = dict(model.named_buffers())
-        for name, b in self.shadow.named_buffers():
-            b.copy_(live_buffers[name])
+        live = [p.detach() for p in model.parameters()]
+        shadow = list(self.shadow.parameters())
+        if len(live) != len(shadow):
+            raise ValueError("EMA shadow and model have different parameters")
+        # One fused multi-tensor kernel instead of a Python loop over every parameter.
+        torch._foreach_lerp_(shadow, live, 1.0 - d)
+        for b_shadow, b_live in zip(self.shadow.buffers(), model.buffers(), strict=True):
+            b_shadow.copy_(b_live)
         self.num_updates += 1
