@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dkdm_cli.diffusion.settings import DiffusionSettings
 from dkdm_cli.distill.ema import EMA
@@ -28,17 +27,19 @@ IMAGE_SIZE = 16
 
 
 def load_digits_images() -> torch.Tensor:
-    """The real digits as a (1797, 1, 16, 16) float tensor in [-1, 1]."""
-    from sklearn.datasets import load_digits
+    """The real digits as a (1797, 1, 16, 16) float tensor in [-1, 1].
 
-    images = torch.from_numpy(load_digits().images).float()  # (N, 8, 8), values 0..16
-    x = images[:, None] / 16.0 * 2.0 - 1.0  # (N, 1, 8, 8) in [-1, 1]
-    return F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    The same tensor the quality measure (dkdm_cli.quality.digits) classifies, so the teacher's
+    data and its yardstick cannot drift apart.
+    """
+    from dkdm_cli.quality.digits import load_real_digits
+
+    return load_real_digits()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=7000)
+    ap.add_argument("--iterations", type=int, default=10000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--ema", type=float, default=0.999)
