@@ -98,3 +98,92 @@ def save_grid(images: np.ndarray, path: Path, *, nrow: int | None = None, scale:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
     return path
+
+
+def save_npz(images: np.ndarray, path: Path) -> Path:
+    """Write images (N, H, W, C) uint8 as `arr_0` of an .npz, the layout the ADM and DiT
+    evaluation suites read; written atomically (temp file + rename)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise UserError(f"--npz {path}: the file name must end in .npz")
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise UserError(f"expected (N, H, W, C) uint8 images, got {images.dtype} {images.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, arr_0=images)  # a file object: numpy adds no second suffix
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def recorded_teacher_spec(model: Teacher) -> str | None:
+    """The spec of the teacher a student was distilled from, as its run or export records it.
+
+    Run directories keep it as a string (`teacher`), exports as `{"spec": ...}`; a model that
+    was not distilled (e.g. the built-in `digits`) records none.
+    """
+    info = model.info if isinstance(model.info, dict) else {}
+    for value in (info.get("teacher"), info.get("spec")):
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, dict) and isinstance(value.get("spec"), str):
+            return value["spec"]
+    return None
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray, *, gap: int = 4) -> np.ndarray:
+    """Two grid images (H, W, C) next to each other with a white `gap` px band between them."""
+    h = max(left.shape[0], right.shape[0])
+    c = left.shape[2]
+    out = np.full((h, left.shape[1] + gap + right.shape[1], c), 255, dtype=np.uint8)
+    out[: left.shape[0], : left.shape[1]] = left
+    out[: right.shape[0], left.shape[1] + gap:] = right
+    return out
+
+
+def save_comparison(teacher_images: np.ndarray, student_images: np.ndarray, path: Path,
+                    *, scale: int = 1) -> Path:
+    """Write the teacher grid (left) and the student grid (right) as one PNG."""
+    from PIL import Image
+
+    if teacher_images.shape != student_images.shape:
+        raise UserError(
+            f"teacher images {teacher_images.shape} and student images {student_images.shape} "
+            "differ in shape, so they cannot be compared side by side"
+        )
+    pair = side_by_side(make_grid(teacher_images), make_grid(student_images))
+    if scale > 1:
+        pair = pair.repeat(scale, axis=0).repeat(scale, axis=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pair[..., 0] if pair.shape[-1] == 1 else pair).save(path)
+    return path
+
+
+def compare_with_teacher(
+    student: Teacher, teacher: Teacher, *, noise: torch.Tensor, steps: int, sampler: str,
+    eta: float, seed: int, batch_size: int, device: torch.device | str,
+    student_images: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(teacher images, student images), each (N, H, W, C) uint8, from the same x_T `noise`
+    (N, C, H, W) and the same per-step noise, so each pair differs only by the model.
+
+    `student_images` are reused when the caller already sampled exactly this noise in one batch.
+    """
+    if tuple(teacher.sample_shape) != tuple(student.sample_shape):
+        raise UserError(
+            f"the teacher samples {tuple(teacher.sample_shape)} but the student "
+            f"{tuple(student.sample_shape)}: they cannot start from the same noise"
+        )
+    kw = dict(num=len(noise), steps=steps, sampler=sampler, eta=eta, seed=seed,
+              batch_size=batch_size, device=device, noise=noise)
+    if student_images is None:
+        student_images = generate(student, **kw)
+    return generate(teacher, **kw), student_images

@@ -1,4 +1,4 @@
-"""`dkdm sample`: images from a teacher, a student model file or a run directory."""
+"""`dkdm sample`: images from a teacher, a student run directory or an exported student."""
 
 from __future__ import annotations
 
@@ -6,23 +6,101 @@ import time
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dkdm_cli import _console
 from dkdm_cli._device import resolve_device
 from dkdm_cli._options import ConfigOpt, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, SetOpt, TeacherOpt
-from dkdm_cli.config import load_config
+from dkdm_cli.config import SampleConfig, load_config
 from dkdm_cli.errors import UserError
-from dkdm_cli.sample import generate, save_grid, save_png_folder
-from dkdm_cli.teachers.spec import resolve_teacher
+from dkdm_cli.sample import (
+    compare_with_teacher,
+    generate,
+    initial_noise,
+    recorded_teacher_spec,
+    save_comparison,
+    save_grid,
+    save_npz,
+    save_png_folder,
+)
+from dkdm_cli.teachers.base import Teacher
+
+# The side-by-side comparison shows at most this many pairs (a grid, not a data set).
+COMPARE_MAX = 64
+
+
+def _progress(label: str, total: int, *, disable: bool):
+    """A progress bar with images/s; returns (progress, advance(n))."""
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                        console=_console.err, disable=disable, transient=True)
+    task = progress.add_task(label, total=total, rate="")
+    start = time.perf_counter()
+
+    def advance(n: int) -> None:
+        done = progress.tasks[0].completed + n
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        progress.update(task, advance=n, rate=f"{rate:.1f} img/s")
+
+    return progress, advance
+
+
+def load_source(teacher: str | None, model: str | None, *, ema: bool, device: str) -> Teacher:
+    """The denoiser to sample: --teacher SPEC or --model (run directory or exported student)."""
+    if (teacher is None) == (model is None):
+        raise UserError("give exactly one of --teacher NAME or --model PATH")
+    if teacher is not None:
+        if not ema:
+            raise UserError("--no-ema applies to a run directory given with --model")
+        from dkdm_cli.api import load_teacher
+
+        return load_teacher(teacher, device=device)
+    from dkdm_cli.api import load_student
+    from dkdm_cli.teachers.spec import classify
+
+    if not Path(model).expanduser().exists():
+        raise UserError(f"--model {model}: no such run directory or model file")
+    if not ema and classify(str(Path(model).expanduser())) != "run_dir":
+        raise UserError("--no-ema applies to run directories; an exported model holds one set "
+                        "of weights (choose at export time with dkdm export --no-ema)")
+    return load_student(model, ema=ema, device=device)
+
+
+def _compare(student: Teacher, path: Path, cfg: SampleConfig, dev, noise, images: np.ndarray,
+             *, quiet: bool) -> dict:
+    """Teacher and student grids from the same noise, side by side in one PNG."""
+    from dkdm_cli.api import load_teacher
+
+    spec = recorded_teacher_spec(student)
+    if spec is None:
+        raise UserError("--compare-teacher needs a student (a run directory or an export) that "
+                        "records its teacher; this model records none")
+    teacher = load_teacher(spec, device=str(dev))
+    k = min(cfg.num, COMPARE_MAX)
+    # The first k samples are reusable when their batches (hence per-step noise) match a k-run.
+    reuse = images[:k] if (k == cfg.num or k % cfg.batch_size == 0) else None
+    progress, advance = _progress("teacher", k, disable=quiet)
+    with progress:
+        teacher_images, student_images = compare_with_teacher(
+            student, teacher, noise=noise[:k], steps=cfg.steps, sampler=cfg.sampler, eta=cfg.eta,
+            seed=cfg.seed, batch_size=cfg.batch_size, device=dev, student_images=reuse)
+        advance(k)
+    save_comparison(teacher_images, student_images, path,
+                    scale=max(1, 128 // images.shape[1]))
+    return {"compare_teacher": str(path), "teacher": spec, "compare_num": k}
 
 
 def sample(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs.")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Folder for the PNGs.", show_default=False)] = None,
     teacher: TeacherOpt = None,
     model: Annotated[Optional[str], typer.Option(
-        "--model", "-m", help="A student: run directory or model file.", show_default=False)] = None,
+        "--model", "-m", help="A student: run directory (EMA weights) or exported model file.",
+        show_default=False)] = None,
+    ema: Annotated[bool, typer.Option(
+        "--ema/--no-ema", help="Run directories: EMA weights (default) or the raw weights.")] = True,
     num: Annotated[Optional[int], typer.Option("--num", "-n", help="Number of images.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps.")] = None,
     sampler: Annotated[Optional[str], typer.Option("--sampler", help="iddpm | ddim.")] = None,
@@ -30,6 +108,12 @@ def sample(
     seed: SeedOpt = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch.")] = None,
     grid: Annotated[Optional[Path], typer.Option("--grid", help="Also write a grid PNG here.")] = None,
+    npz: Annotated[Optional[Path], typer.Option(
+        "--npz", help="Also write the images as arr_0 (uint8, NHWC) of this .npz, the layout the "
+        "ADM/DiT evaluation suites read.", show_default=False)] = None,
+    compare_teacher: Annotated[Optional[Path], typer.Option(
+        "--compare-teacher", help="Write the recorded teacher's grid and the student's, from "
+        "the same noise, side by side to this PNG.", show_default=False)] = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -38,40 +122,43 @@ def sample(
 ) -> None:
     """Generate images from a teacher or a student.
 
-    Example: dkdm sample --teacher digits --num 100 --out samples --grid grid.png
+    Example: dkdm sample --model runs/digits-unet-t --num 100 --out samples --npz samples.npz
     """
-    if (teacher is None) == (model is None):
-        raise UserError("give exactly one of --teacher NAME or --model PATH")
+    if out is None and grid is None and npz is None and compare_teacher is None:
+        raise UserError("nothing to write: give --out FOLDER, --grid PNG, --npz FILE "
+                        "and/or --compare-teacher PNG")
+    if npz is not None and npz.suffix != ".npz":
+        raise UserError(f"--npz {npz}: the file name must end in .npz")
     cfg = load_config(config, flags={"sample": dict(num=num, steps=steps, sampler=sampler, eta=eta,
                                                     seed=seed, batch_size=batch_size,
                                                     device=device)}, sets=set_).sample
     dev = resolve_device(cfg.device)
-    source = teacher if teacher is not None else model
-    if model is not None and not Path(model).exists():
-        raise UserError(f"--model {model}: no such file or folder")
-    denoiser = resolve_teacher(source, device=str(dev))
+    denoiser = load_source(teacher, model, ema=ema, device=str(dev))
+    silent = quiet or json_out
+    noise = initial_noise(cfg.num, denoiser.sample_shape, seed=cfg.seed)  # (N, C, H, W)
     start = time.perf_counter()
-    with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                  console=_console.err, disable=quiet or json_out, transient=True) as progress:
-        task = progress.add_task("sample", total=cfg.num, rate="")
-
-        def advance(n: int) -> None:
-            done = progress.tasks[0].completed + n
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            progress.update(task, advance=n, rate=f"{rate:.1f} img/s")
-
+    progress, advance = _progress("sampling", cfg.num, disable=silent)
+    with progress:
         images = generate(denoiser, num=cfg.num, steps=cfg.steps, sampler=cfg.sampler, eta=cfg.eta,
-                          seed=cfg.seed, batch_size=cfg.batch_size, device=dev, on_batch=advance)
+                          seed=cfg.seed, batch_size=cfg.batch_size, device=dev, noise=noise,
+                          on_batch=advance)
     seconds = time.perf_counter() - start
-    save_png_folder(images, out)
+    if out is not None:
+        save_png_folder(images, out)
     if grid is not None:
         save_grid(images, grid, scale=max(1, 128 // images.shape[1]))
-    result = {"out": str(out), "num": int(len(images)), "grid": str(grid) if grid else None,
-              "source": source, "steps": cfg.steps, "sampler": cfg.sampler, "seed": cfg.seed,
+    if npz is not None:
+        save_npz(images, npz)
+    result = {"out": str(out) if out else None, "num": int(len(images)),
+              "grid": str(grid) if grid else None, "npz": str(npz) if npz else None,
+              "source": teacher if teacher is not None else model, "ema": ema,
+              "steps": cfg.steps, "sampler": cfg.sampler, "eta": cfg.eta, "seed": cfg.seed,
               "seconds": round(seconds, 3), "images_per_second": round(len(images) / seconds, 2)}
+    if compare_teacher is not None:
+        result.update(_compare(denoiser, compare_teacher, cfg, dev, noise, images, quiet=silent))
     if json_out:
         _console.print_json(result)
     elif not quiet:
-        _console.out.print(f"wrote {len(images)} images to {out} "
+        where = ", ".join(str(p) for p in (out, npz, grid, compare_teacher) if p is not None)
+        _console.out.print(f"wrote {len(images)} images to {where} "
                            f"({result['images_per_second']} img/s)", highlight=False)
