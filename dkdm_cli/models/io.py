@@ -52,15 +52,16 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
         raise
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; a clear ModelFileError when it is unreadable."""
+def read_safetensors(path: Path, *, weights: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file (no tensors with weights=False); a clear
+    ModelFileError when it is missing or unreadable."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()} if weights else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelFileError(f"{path}: not a readable safetensors file ({exc})") from exc
     return tensors, meta
@@ -97,15 +98,8 @@ def save_model(model: nn.Module, path: Path, *, extra: dict[str, Any] | None = N
 
 def read_model_doc(path: Path) -> dict[str, Any]:
     """The JSON document of a model file, without reading the weights."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(f"{path}: not a readable safetensors file ({exc})") from exc
-    return _parse_doc(meta, path)
+    _, meta = read_safetensors(Path(path), weights=False)
+    return _parse_doc(meta, Path(path))
 
 
 def _parse_doc(meta: dict[str, str], path: Path) -> dict[str, Any]:
