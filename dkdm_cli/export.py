@@ -1,0 +1,291 @@
+"""Shipping a student: a dkdm model file (safetensors) or ONNX, plus a model card.
+
+safetensors  the project's model format (models/io.py) with the diffusion settings, the sample
+             shape, the teacher it was distilled from and `autoencoder_from`, so the file works
+             as a teacher (`resolve_teacher(path)`) and as a student (`api.load_student(path)`).
+onnx         the denoiser alone: inputs x float32 (B, C, H, W) and t float32 (B,) (the network's
+             own timestep input), output (B, C or 2C, H, W); batch size dynamic. Checked with
+             onnxruntime against PyTorch before it is moved into place: a max abs difference
+             above ONNX_TOLERANCE is an error and leaves nothing behind.
+Either way a README.md model card is written beside the file: configuration, step, weights
+(EMA or raw) and the run's latest metrics (the last line of metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dkdm_cli import __version__, _console
+from dkdm_cli.distill.checkpoint import Checkpoint, load_latest, student_from_checkpoint
+from dkdm_cli.errors import CheckpointError, DkdmError, UserError
+from dkdm_cli.models import count_parameters
+
+FORMATS = ("safetensors", "onnx")
+ONNX_TOLERANCE = 1e-4
+ONNX_OPSET = 18
+CARD_MARKER = "<!-- written by dkdm export -->"
+
+
+class ExportCheckError(DkdmError):
+    """The exported model does not reproduce PyTorch's outputs. Exit code 1."""
+
+
+@dataclass
+class ExportResult:
+    """What was written, and how it checked out."""
+
+    path: str
+    format: str
+    step: int
+    ema: bool
+    parameters: int
+    architecture: str = ""
+    card: str = ""
+    exporter: str = ""
+    max_abs_diff: float | None = None
+    checked_batches: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def default_out(run_dir: Path, fmt: str) -> Path:
+    """<run_dir>/export/<run name>.<format>."""
+    return Path(run_dir) / "export" / f"{Path(run_dir).resolve().name}.{fmt}"
+
+
+def export_doc(ckpt: Checkpoint, run_dir: Path, *, ema: bool) -> dict[str, Any]:
+    """The metadata an export carries (beside the ModelSpec save_model adds)."""
+    doc = ckpt.doc
+    missing = [k for k in ("model", "diffusion", "sample_shape", "teacher") if k not in doc]
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: checkpoint lacks {', '.join(missing)}")
+    extra = {
+        "diffusion": doc["diffusion"],
+        "sample_shape": list(doc["sample_shape"]),
+        # A dict, as Teacher.info: the spec of the teacher this student was distilled from.
+        "teacher": {"spec": doc["teacher"]},
+        "distillation": {"run": Path(run_dir).resolve().name, "step": ckpt.step, "ema": ema,
+                         "checkpoint": ckpt.path.name, "config": doc.get("config")},
+    }
+    if doc.get("autoencoder_from"):
+        extra["autoencoder_from"] = doc["autoencoder_from"]
+    return extra
+
+
+def latest_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """The last record of the run's metrics.jsonl, if any."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interrupted run
+        if isinstance(record, dict):
+            return record
+    return None
+
+
+def export_student(run_dir: Path, *, fmt: str = "safetensors", out: Path | None = None,
+                   ema: bool = True) -> ExportResult:
+    """Export the newest checkpoint of `run_dir` (EMA weights unless ema=False)."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir}: no such folder")
+    ckpt = load_latest(run_dir, warn=_console.warn)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir}: the run has no checkpoint yet")
+    extra = export_doc(ckpt, run_dir, ema=ema)
+    model = student_from_checkpoint(ckpt, ema=ema).eval()
+    out = Path(out) if out is not None else default_out(run_dir, fmt)
+    if out.suffix != f".{fmt}":
+        raise UserError(f"--out {out}: a {fmt} export must end in .{fmt}")
+    result = ExportResult(path=str(out), format=fmt, step=ckpt.step, ema=ema,
+                          parameters=count_parameters(model), architecture=model.spec.name)
+    if fmt == "safetensors":
+        from dkdm_cli.models.io import read_model_doc, save_model
+
+        save_model(model, out, extra=extra)  # atomic
+        read_model_doc(out)  # readable back, or ModelFileError now rather than at load time
+        result.exporter = "dkdm model file"
+    else:
+        export_onnx(model, out, extra=extra, result=result)
+    result.card = str(write_model_card(out, run_dir, extra, result))
+    return result
+
+
+# -- ONNX -----------------------------------------------------------------------------------------
+
+def _need_onnx():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise UserError("ONNX export needs onnx, onnxscript and onnxruntime: "
+                        "pip install 'dkdm[onnx]'") from exc
+    return onnx, onnxruntime
+
+
+def _example(shape: tuple[int, int, int], batch: int, num_timesteps: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, *shape), generator=gen)  # (B, C, H, W)
+    t = torch.rand(batch, generator=gen) * (num_timesteps - 1)  # (B,)
+    return x, t
+
+
+def _export_once(model: nn.Module, args, path: Path, *, dynamo: bool) -> None:
+    if dynamo:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        torch.onnx.export(model, args, str(path), input_names=["x", "t"], output_names=["output"],
+                          dynamo=True, dynamic_shapes={"x": {0: batch}, "t": {0: batch}},
+                          opset_version=ONNX_OPSET, external_data=False)
+    else:
+        torch.onnx.export(model, args, str(path), input_names=["x", "t"], output_names=["output"],
+                          dynamo=False, opset_version=ONNX_OPSET,
+                          dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "output": {0: "batch"}})
+
+
+def _torch_export(model: nn.Module, args, path: Path) -> str:
+    """torch.onnx.export with the dynamo exporter, else the TorchScript one; returns which.
+    Their chatter is kept away from stdout (it would corrupt --json)."""
+    errors = []
+    for dynamo in (True, False):
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
+                    warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                _export_once(model, args, path, dynamo=dynamo)
+            return "torch.onnx (dynamo)" if dynamo else "torch.onnx (torchscript)"
+        except Exception as exc:  # noqa: BLE001  third-party exporters raise anything
+            errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {type(exc).__name__}: {exc}")
+    raise ExportCheckError("ONNX export failed:\n" + "\n".join(errors))
+
+
+def check_onnx(path: Path, model: nn.Module, *, shape: tuple[int, int, int],
+               num_timesteps: int, batches: tuple[int, ...] = (2, 3)) -> float:
+    """Max abs difference between onnxruntime and PyTorch on random inputs (several batch
+    sizes, so the dynamic batch axis is exercised)."""
+    _onnx, ort = _need_onnx()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for i, batch in enumerate(batches):
+        x, t = _example(shape, batch, num_timesteps, seed=i)
+        with torch.no_grad():
+            expected = model(x, t).numpy()  # (B, C_out, H, W)
+        got = session.run(["output"], {"x": x.numpy(), "t": t.numpy()})[0]
+        if got.shape != expected.shape:
+            raise ExportCheckError(f"ONNX output shape {got.shape} != PyTorch's {expected.shape}")
+        worst = max(worst, float(abs(got - expected).max()))
+    return worst
+
+
+def export_onnx(model: nn.Module, out: Path, *, extra: dict[str, Any], result: ExportResult) -> None:
+    """Export, check against PyTorch, attach the metadata, then move into place."""
+    onnx, _ort = _need_onnx()
+    model = model.float().cpu().eval()
+    shape = tuple(int(s) for s in extra["sample_shape"])
+    num_timesteps = int(extra["diffusion"].get("num_timesteps", 1000))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".onnx", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        result.exporter = _torch_export(model, _example(shape, 2, num_timesteps, seed=0), tmp)
+        proto = onnx.load(str(tmp))
+        doc = {"format": "dkdm-onnx", "dkdm_version": __version__,
+               "model": model.spec.to_dict(), **extra}
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "dkdm", json.dumps(doc)
+        onnx.save(proto, str(tmp))
+        result.checked_batches = [2, 3]
+        diff = check_onnx(tmp, model, shape=shape, num_timesteps=num_timesteps,
+                          batches=tuple(result.checked_batches))
+        result.max_abs_diff = diff
+        if not diff <= ONNX_TOLERANCE:
+            raise ExportCheckError(
+                f"the ONNX model differs from PyTorch by up to {diff:.3g} (> {ONNX_TOLERANCE:g}); "
+                "nothing was written. Try the safetensors format, or report the architecture")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -- model card ----------------------------------------------------------------------------------
+
+def _config_text(config: dict[str, Any] | None) -> str:
+    if not config:
+        return "(not recorded)"
+    try:
+        import tomli_w
+
+        return tomli_w.dumps(config).strip()
+    except (TypeError, ValueError):
+        return json.dumps(config, indent=1)
+
+
+def model_card(out: Path, run_dir: Path, extra: dict[str, Any], result: ExportResult) -> str:
+    """The README.md text for an export."""
+    diff, shape = extra["diffusion"], extra["sample_shape"]
+    teacher = extra["teacher"]["spec"]
+    dist = extra["distillation"]
+    metrics = latest_metrics(run_dir)
+    rows = [
+        ("file", f"`{out.name}` ({result.format}, {result.exporter})"),
+        ("architecture", f"`{result.architecture}`"),
+        ("parameters", f"{result.parameters:,}"),
+        ("teacher", f"`{teacher}`"),
+        ("step", str(result.step)),
+        ("weights", "EMA" if result.ema else "raw (not EMA)"),
+        ("sample shape (C, H, W)", " x ".join(str(s) for s in shape)),
+        ("diffusion", f"{diff.get('schedule')} schedule, T = {diff.get('num_timesteps')}, "
+                      f"{diff.get('prediction')} prediction, {diff.get('variance')} variance, "
+                      f"timestep scale {diff.get('timestep_scale', 1.0)}"),
+    ]
+    if extra.get("autoencoder_from"):
+        rows.append(("autoencoder", f"decode samples with `{extra['autoencoder_from']}`'s"))
+    if result.max_abs_diff is not None:
+        rows.append(("ONNX check", f"max abs difference to PyTorch {result.max_abs_diff:.2e} "
+                                   f"(batches {result.checked_batches}, tolerance {ONNX_TOLERANCE:g})"))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    use = (f"dkdm sample --model {out.name} --num 64 --out samples --grid grid.png\n"
+           f"dkdm eval {out.name} --fid --num 1000" if result.format == "safetensors" else
+           "# inputs: x float32 (B, C, H, W); t float32 (B,) = process step x timestep scale\n"
+           f"import onnxruntime; s = onnxruntime.InferenceSession('{out.name}')\n"
+           "out = s.run(['output'], {'x': x, 't': t})[0]  # (B, C or 2C, H, W)")
+    metric_text = (f"```json\n{json.dumps(metrics, indent=1)}\n```" if metrics else
+                   "No metrics.jsonl in the run directory.")
+    return (f"{CARD_MARKER}\n# {dist['run']}: a DKDM student\n\n"
+            f"Distilled from `{teacher}` without its training data (DKDM, CVPR 2025) by "
+            f"dkdm {__version__}.\n\n| | |\n|---|---|\n{table}\n\n"
+            f"## Use\n\n```\n{use}\n```\n\n## Latest metrics (last line of metrics.jsonl)\n\n"
+            f"{metric_text}\n\n## Configuration\n\n```toml\n{_config_text(dist.get('config'))}\n```\n")
+
+
+def write_model_card(out: Path, run_dir: Path, extra: dict[str, Any], result: ExportResult) -> Path:
+    """README.md beside the export; a README.md that dkdm did not write is left alone (the card
+    then goes to <name>.README.md)."""
+    card = out.parent / "README.md"
+    if card.is_file() and not card.read_text(errors="replace").startswith(CARD_MARKER):
+        card = out.parent / f"{out.stem}.README.md"
+        _console.warn(f"{out.parent / 'README.md'} exists and is not a dkdm model card; "
+                      f"writing {card.name} instead")
+    card.write_text(model_card(out, run_dir, extra, result))
+    return card
