@@ -51,5 +51,9 @@ class TrainingError(DkdmError):
     """The run failed (e.g. a non-finite loss). Exit code 1; the last good checkpoint is kept."""
 
 
+class ExportCheckError(DkdmError):
+    """An exported model does not reproduce PyTorch's outputs. Exit code 1."""
+
+
 class ThresholdError(DkdmError):
     """An evaluation bound given with --fail-above was crossed. Exit code 1."""

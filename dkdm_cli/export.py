@@ -28,17 +28,13 @@ from torch import nn
 
 from dkdm_cli import __version__, _console
 from dkdm_cli.distill.checkpoint import Checkpoint, load_latest, student_from_checkpoint
-from dkdm_cli.errors import CheckpointError, DkdmError, UserError
+from dkdm_cli.errors import CheckpointError, ExportCheckError, UserError
 from dkdm_cli.models import count_parameters
 
 FORMATS = ("safetensors", "onnx")
 ONNX_TOLERANCE = 1e-4
 ONNX_OPSET = 18
 CARD_MARKER = "<!-- written by dkdm export -->"
-
-
-class ExportCheckError(DkdmError):
-    """The exported model does not reproduce PyTorch's outputs. Exit code 1."""
 
 
 @dataclass
