@@ -149,3 +149,14 @@ def test_ema_update_and_warmup():
         ema.update(model)
     assert ema.decay() == 0.9  # the warm-up ramp is capped at the rate
     assert not any(p.requires_grad for p in ema.shadow.parameters())
+
+
+def test_precomputed_teacher_step_gives_the_same_loss():
+    diffusion = _diffusion()
+    x, t = torch.randn(4, 1, 2, 2), torch.tensor([0, 1, 2, 3])
+    teacher, student = torch.randn(4, 2, 2, 2), torch.randn(4, 2, 2, 2)
+    step = diffusion.p_mean_variance(teacher, x_t=x, t=t, clip_denoised=True)
+    a = dkdm_loss(diffusion, teacher_out=teacher, student_out=student, x_t=x, t=t)
+    b = dkdm_loss(diffusion, teacher_out=teacher, student_out=student, x_t=x, t=t, teacher_step=step)
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.per_sample, b.per_sample)
+    assert torch.allclose(a.loss, a.per_sample.mean())

@@ -128,12 +128,6 @@ class Distiller:
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
         self.settings = student_settings(teacher.settings)
         self.clip = teacher.settings.clip_denoised
-        self.teacher_forwards = 0  # batches the teacher has seen during training iterations
-
-    # -- teacher calls -----------------------------------------------------------------------
-
-    def _teacher_fn(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.teacher.model_output(x, t)
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -164,7 +158,7 @@ class Distiller:
         self.obs.phase(f"start-up ({d.init}) teacher steps", total=max(total, 1))
         start = time.perf_counter()
         self.state.pool = init_pool(
-            size=size, shape=shape, diffusion=self.diffusion, teacher_fn=self._teacher_fn,
+            size=size, shape=shape, diffusion=self.diffusion, teacher_fn=self.teacher.model_output,
             mode=d.mode, init=d.init, init_steps=d.init_steps, chunk=d.init_batch_size,
             clip_denoised=self.clip, device=self.device, generator=gen, tick=self.obs.advance,
         )
@@ -196,11 +190,10 @@ class Distiller:
         if pool is not None:
             idx = pool.draw(d.batch_size)
             x, t = pool.x[idx], pool.t[idx]  # (b, C, H, W), (b,)
-            res = teacher_step(self._teacher_fn, self.diffusion, x=x, t=t,
+            res = teacher_step(self.teacher.model_output, self.diffusion, x=x, t=t,
                                noise=pool.randn(x.shape), clip_denoised=self.clip)
-            self.teacher_forwards += 1
             pool.write_back(idx, res.x_next, t)
-            return x, t, res.teacher_out, None
+            return x, t, res, None
         gen = self.state.data_gen
         idx = torch.randint(0, len(self.state.synthetic), (d.batch_size,), generator=gen,
                             device=self.device)
@@ -213,14 +206,14 @@ class Distiller:
     def iteration(self, window: MetricWindow) -> torch.Tensor:
         """One training iteration; returns the loss (on the device, not synchronised)."""
         d, st = self.cfg.distill, self.state
-        x, t, teacher_out, data = self._batch()
+        x, t, teacher, data = self._batch()
         for group in st.opt.param_groups:
             group["lr"] = _lr_at(self.cfg, st.step)
         with _autocast(self.device, d.precision):
             out = self.train_model(x, self.diffusion.model_timesteps(t))
         if data is None:
-            terms = dkdm_loss(self.diffusion, teacher_out=teacher_out, student_out=out, x_t=x, t=t,
-                              lam=d.vlb_lambda, clip_denoised=self.clip)
+            terms = dkdm_loss(self.diffusion, teacher_out=teacher.teacher_out, student_out=out, x_t=x,
+                              t=t, lam=d.vlb_lambda, clip_denoised=self.clip, teacher_step=teacher.step)
         else:
             terms = hybrid_loss(self.diffusion, model_out=out, x0=data[0], x_t=x, t=t, noise=data[1],
                                 lam=d.vlb_lambda)
@@ -233,9 +226,7 @@ class Distiller:
         st.opt.step()
         st.ema.update(st.student)
         st.step += 1
-        per_sample = terms.mse if terms.kl is None else terms.mse + d.vlb_lambda * \
-            self.diffusion.num_timesteps * terms.kl
-        window.add(loss=terms.loss, mse=terms.mse, kl=terms.kl, per_sample=per_sample, t=t,
+        window.add(loss=terms.loss, mse=terms.mse, kl=terms.kl, per_sample=terms.per_sample, t=t,
                    grad_norm=grad_norm)
         return terms.loss
 

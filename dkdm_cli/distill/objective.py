@@ -23,6 +23,7 @@ import torch
 
 from dkdm_cli.diffusion.gaussian import (
     GaussianDiffusion,
+    ReverseStep,
     discretized_gaussian_log_likelihood,
     mean_flat,
     normal_kl,
@@ -33,7 +34,8 @@ from dkdm_cli.diffusion.gaussian import (
 class LossTerms:
     """Per-sample loss terms (B,) and the total (scalar)."""
 
-    loss: torch.Tensor
+    loss: torch.Tensor  # per_sample.mean()
+    per_sample: torch.Tensor  # (B,) mse + weight * kl
     mse: torch.Tensor  # (B,)
     kl: torch.Tensor | None  # (B,) in bits, unweighted
 
@@ -52,8 +54,13 @@ def dkdm_loss(
     t: torch.Tensor,
     lam: float = 0.001,
     clip_denoised: bool = True,
+    teacher_step: ReverseStep | None = None,
 ) -> LossTerms:
-    """The DKDM loss for one batch of chain states x_t (B, C, H, W) at steps t (B,)."""
+    """The DKDM loss for one batch of chain states x_t (B, C, H, W) at steps t (B,).
+
+    `teacher_step`: p_T(x_{t-1}|x_t) when the caller already computed it from `teacher_out`
+    (the engine does, to take the chain step), so it is not computed twice.
+    """
     c = x_t.shape[1]
     eps_t, var_t = diffusion.split_output(teacher_out.float(), c)
     student_out = student_out.float()
@@ -61,15 +68,16 @@ def dkdm_loss(
     mse = mean_flat((eps_t - eps_s) ** 2)  # (B,)
     use_kl = var_t is not None and student_out.shape[1] == 2 * c
     if not use_kl:
-        return LossTerms(loss=mse.mean(), mse=mse, kl=None)
-    teacher = diffusion.p_mean_variance(teacher_out.float(), x_t=x_t, t=t, clip_denoised=clip_denoised)
+        return LossTerms(loss=mse.mean(), per_sample=mse, mse=mse, kl=None)
+    teacher = teacher_step or diffusion.p_mean_variance(teacher_out.float(), x_t=x_t, t=t,
+                                                        clip_denoised=clip_denoised)
     frozen = torch.cat([eps_s.detach(), student_out[:, c:]], dim=1)  # stop-gradient on eps_S
     student = diffusion.p_mean_variance(frozen, x_t=x_t, t=t, clip_denoised=clip_denoised)
     kl = mean_flat(
         normal_kl(teacher.mean, teacher.log_variance, student.mean, student.log_variance)
     ) / math.log(2.0)  # (B,) bits
-    weight = vlb_weight(lam=lam, num_timesteps=diffusion.num_timesteps)
-    return LossTerms(loss=(mse + weight * kl).mean(), mse=mse, kl=kl)
+    per_sample = mse + vlb_weight(lam=lam, num_timesteps=diffusion.num_timesteps) * kl
+    return LossTerms(loss=per_sample.mean(), per_sample=per_sample, mse=mse, kl=kl)
 
 
 def hybrid_loss(
@@ -88,7 +96,7 @@ def hybrid_loss(
     eps = model_out[:, :c]
     mse = mean_flat((noise - eps) ** 2)  # (B,)
     if model_out.shape[1] != 2 * c:
-        return LossTerms(loss=mse.mean(), mse=mse, kl=None)
+        return LossTerms(loss=mse.mean(), per_sample=mse, mse=mse, kl=None)
     frozen = torch.cat([eps.detach(), model_out[:, c:]], dim=1)
     p = diffusion.p_mean_variance(frozen, x_t=x_t, t=t, clip_denoised=False)
     true_mean, _, true_log_var = diffusion.q_posterior(x0=x0, x_t=x_t, t=t)
@@ -97,5 +105,5 @@ def hybrid_loss(
         discretized_gaussian_log_likelihood(x0, means=p.mean, log_scales=0.5 * p.log_variance)
     ) / math.log(2.0)
     vb = torch.where(t == 0, nll, kl)  # the decoder term at t = 0
-    weight = vlb_weight(lam=lam, num_timesteps=diffusion.num_timesteps)
-    return LossTerms(loss=(mse + weight * vb).mean(), mse=mse, kl=vb)
+    per_sample = mse + vlb_weight(lam=lam, num_timesteps=diffusion.num_timesteps) * vb
+    return LossTerms(loss=per_sample.mean(), per_sample=per_sample, mse=mse, kl=vb)

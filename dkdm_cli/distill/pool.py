@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dkdm_cli.diffusion.gaussian import GaussianDiffusion, _extract
+from dkdm_cli.diffusion.gaussian import GaussianDiffusion, ReverseStep, _extract
 from dkdm_cli.errors import ConfigError
 
 # (x (B, C, H, W), t (B,)) -> raw teacher output (B, C or 2C, H, W), no grad.
@@ -41,6 +41,7 @@ class StepResult:
     """What one teacher step on a batch of states yields."""
 
     teacher_out: torch.Tensor  # (B, C or 2C, H, W): the loss target
+    step: ReverseStep  # p_T(x_{t-1} | x_t), reused by the loss's KL term
     x_next: torch.Tensor  # (B, C, H, W): x_{t-1}
 
 
@@ -87,7 +88,7 @@ def teacher_step(teacher_fn: TeacherFn, diffusion: GaussianDiffusion, *, x: torc
     with torch.no_grad():
         out = teacher_fn(x, t)  # (B, C or 2C, H, W)
         step = diffusion.p_mean_variance(out, x_t=x, t=t, clip_denoised=clip_denoised)
-        return StepResult(out, diffusion.ancestral_step(step, x_t=x, t=t, noise=noise))
+        return StepResult(out, step, diffusion.ancestral_step(step, x_t=x, t=t, noise=noise))
 
 
 def _exact_chunk(teacher_fn, diffusion, pool: StatePool, idx: torch.Tensor, clip: bool, tick) -> None:
