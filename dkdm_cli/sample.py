@@ -89,14 +89,18 @@ def make_grid(images: np.ndarray, *, nrow: int | None = None, pad: int = 2) -> n
 
 def save_grid(images: np.ndarray, path: Path, *, nrow: int | None = None, scale: int = 1) -> Path:
     """Write a grid PNG of `images` (nearest-neighbour upscaled by `scale`)."""
+    return write_png(make_grid(images, nrow=nrow), path, scale=scale)
+
+
+def write_png(image: np.ndarray, path: Path, *, scale: int = 1) -> Path:
+    """Write one (H, W, C) uint8 image as PNG, nearest-neighbour upscaled by `scale`."""
     from PIL import Image
 
-    grid = make_grid(images, nrow=nrow)
     if scale > 1:
-        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+        image = image.repeat(scale, axis=0).repeat(scale, axis=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
     return path
 
 
@@ -151,20 +155,13 @@ def side_by_side(left: np.ndarray, right: np.ndarray, *, gap: int = 4) -> np.nda
 def save_comparison(teacher_images: np.ndarray, student_images: np.ndarray, path: Path,
                     *, scale: int = 1) -> Path:
     """Write the teacher grid (left) and the student grid (right) as one PNG."""
-    from PIL import Image
-
     if teacher_images.shape != student_images.shape:
         raise UserError(
             f"teacher images {teacher_images.shape} and student images {student_images.shape} "
             "differ in shape, so they cannot be compared side by side"
         )
-    pair = side_by_side(make_grid(teacher_images), make_grid(student_images))
-    if scale > 1:
-        pair = pair.repeat(scale, axis=0).repeat(scale, axis=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pair[..., 0] if pair.shape[-1] == 1 else pair).save(path)
-    return path
+    return write_png(side_by_side(make_grid(teacher_images), make_grid(student_images)), path,
+                     scale=scale)
 
 
 def compare_with_teacher(
