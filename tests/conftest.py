@@ -295,3 +295,16 @@ def inception_weights(tmp_path_factory) -> Path:
     """A random-weights Inception file for the offline path (named as torch-fidelity names it)."""
     return make_inception_weights(tmp_path_factory.mktemp("inception") /
                                   "weights-inception-2015-12-05-6726825d.pth")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a socket fails loudly: these tests are offline by construction."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
