@@ -150,9 +150,10 @@ class Config:
         return tomli_w.dumps(self.to_dict())
 
     def save(self, path: Path) -> None:
-        """Write the resolved configuration as TOML."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(self.to_toml(), encoding="utf-8")
+        """Write the resolved configuration as TOML (atomically)."""
+        from dkdm_cli import _fs
+
+        _fs.write_text(Path(path), self.to_toml())
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Config)}

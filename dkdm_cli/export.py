@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dkdm_cli import __version__, _console
-from dkdm_cli.distill.checkpoint import Checkpoint, load_latest, student_from_checkpoint
+from dkdm_cli import __version__, _console, _fs
+from dkdm_cli.checkpoint import Checkpoint, load_latest, student_from_checkpoint
 from dkdm_cli.errors import CheckpointError, ExportCheckError, UserError
 from dkdm_cli.models import count_parameters
 
@@ -199,11 +197,7 @@ def export_onnx(model: nn.Module, out: Path, *, extra: dict[str, Any], result: E
     model = model.float().cpu().eval()
     shape = tuple(int(s) for s in extra["sample_shape"])
     num_timesteps = int(extra["diffusion"].get("num_timesteps", 1000))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".onnx", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with _fs.atomic_path(out) as tmp:
         result.exporter = _torch_export(model, _example(shape, 2, num_timesteps, seed=0), tmp)
         proto = onnx.load(str(tmp))
         doc = {"format": "dkdm-onnx", "dkdm_version": __version__,
@@ -219,9 +213,6 @@ def export_onnx(model: nn.Module, out: Path, *, extra: dict[str, Any], result: E
             raise ExportCheckError(
                 f"the ONNX model differs from PyTorch by up to {diff:.3g} (> {ONNX_TOLERANCE:g}); "
                 "nothing was written. Try the safetensors format, or report the architecture")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- model card ----------------------------------------------------------------------------------
@@ -283,5 +274,5 @@ def write_model_card(out: Path, run_dir: Path, extra: dict[str, Any], result: Ex
         card = out.parent / f"{out.stem}.README.md"
         _console.warn(f"{out.parent / 'README.md'} exists and is not a dkdm model card; "
                       f"writing {card.name} instead")
-    card.write_text(model_card(out, run_dir, extra, result))
+    _fs.write_text(card, model_card(out, run_dir, extra, result))
     return card

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dkdm_cli import _fs
 from dkdm_cli.diffusion.samplers import Sampler, sample
 from dkdm_cli.errors import UserError
 from dkdm_cli.teachers.base import Teacher
@@ -68,9 +69,9 @@ def save_png_folder(images: np.ndarray, out_dir: Path, *, prefix: str = "") -> l
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, img in enumerate(images):
-        path = out_dir / f"{prefix}{i:06d}.png"
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path)
-        paths.append(path)
+        pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        paths.append(_fs.atomic_write(out_dir / f"{prefix}{i:06d}.png",
+                                      lambda fh, p=pil: p.save(fh, format="PNG")))
     return paths
 
 
@@ -98,33 +99,20 @@ def write_png(image: np.ndarray, path: Path, *, scale: int = 1) -> Path:
 
     if scale > 1:
         image = image.repeat(scale, axis=0).repeat(scale, axis=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
-    return path
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    return _fs.atomic_write(Path(path), lambda fh: pil.save(fh, format="PNG"))
 
 
 def save_npz(images: np.ndarray, path: Path) -> Path:
     """Write images (N, H, W, C) uint8 as `arr_0` of an .npz, the layout the ADM and DiT
-    evaluation suites read; written atomically (temp file + rename)."""
-    import os
-    import tempfile
-
+    evaluation suites read; written atomically."""
     path = Path(path)
     if path.suffix != ".npz":
         raise UserError(f"--npz {path}: the file name must end in .npz")
     if images.dtype != np.uint8 or images.ndim != 4:
         raise UserError(f"expected (N, H, W, C) uint8 images, got {images.dtype} {images.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, arr_0=images)  # a file object: numpy adds no second suffix
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # A file object: numpy adds no second suffix.
+    return _fs.atomic_write(path, lambda fh: np.savez(fh, arr_0=images))
 
 
 def recorded_teacher_spec(model: Teacher) -> str | None:

@@ -225,8 +225,8 @@ def make_run_dir(run_dir: Path, teacher_file: Path, *, student: str = "unet-t",
                  metrics: list[dict] | None = None) -> Path:
     """A run directory whose one checkpoint holds a tiny student (raw weights and a different EMA
     copy) of `teacher_file`, with every key the checkpoint format requires."""
+    from dkdm_cli.checkpoint import checkpoint_path, save_checkpoint
     from dkdm_cli.config import Config
-    from dkdm_cli.distill.checkpoint import checkpoint_path, save_checkpoint
     from dkdm_cli.models.io import read_model_doc
 
     tdoc = read_model_doc(teacher_file)

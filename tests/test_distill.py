@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import tiny_distill_args
 
+from dkdm_cli.checkpoint import list_checkpoints, read_checkpoint
 from dkdm_cli.cli import run
-from dkdm_cli.distill.checkpoint import list_checkpoints, read_checkpoint
 
 
 def _weights(run_dir, step):

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import tiny_distill_args
 
-from dkdm_cli.distill.checkpoint import list_checkpoints, read_checkpoint
+from dkdm_cli.checkpoint import list_checkpoints, read_checkpoint
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ import torch
 
 from dkdm_cli import export as E
 from dkdm_cli.api import load_student
+from dkdm_cli.checkpoint import load_latest, student_from_checkpoint
 from dkdm_cli.cli import run
-from dkdm_cli.distill.checkpoint import load_latest, student_from_checkpoint
 from dkdm_cli.models.io import read_model_doc
 from dkdm_cli.teachers.spec import resolve_teacher
 

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dkdm_cli import _console
+from dkdm_cli import _console, _fs
 from dkdm_cli.config import DEFAULT_CONFIG_NAME, Config
 from dkdm_cli.errors import DkdmError, UserError
 
@@ -57,7 +57,7 @@ def init(
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{directory} exists and is not a folder")
     directory.mkdir(parents=True, exist_ok=True)
-    target.write_text(render(teacher=teacher, student=student), encoding="utf-8")
+    _fs.write_text(target, render(teacher=teacher, student=student))
     where = "" if directory == Path(".") else f"cd {shlex.quote(str(directory))} && "
     _console.info(f"wrote {target}")
     _console.out.print(f"next: {where}dkdm distill", highlight=False)

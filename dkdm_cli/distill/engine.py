@@ -16,15 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from dkdm_cli.config import Config
-from dkdm_cli.diffusion.samplers import Sampler, sample
-from dkdm_cli.distill import runs
-from dkdm_cli.distill.checkpoint import (
+from dkdm_cli.checkpoint import (
     Checkpoint,
     checkpoint_path,
     prune_checkpoints,
     save_checkpoint,
 )
+from dkdm_cli.config import Config
+from dkdm_cli.diffusion.samplers import Sampler, sample
+from dkdm_cli.distill import runs
 from dkdm_cli.distill.distributed import DistInfo, barrier, init_distributed, shutdown, sum_across
 from dkdm_cli.distill.ema import EMA
 from dkdm_cli.distill.objective import dkdm_loss, hybrid_loss

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dkdm_cli import _console
+from dkdm_cli import _console, _fs
+from dkdm_cli.checkpoint import CONFIG_NAME, Checkpoint, checkpoint_dir, load_latest
 from dkdm_cli.config import Config, merge, read_toml
-from dkdm_cli.distill.checkpoint import CONFIG_NAME, Checkpoint, checkpoint_dir, load_latest
 from dkdm_cli.errors import UserError
 
 # Settings that may change when a run is resumed; every other one must match.
@@ -129,4 +129,4 @@ def warn_if_pool_reset(obs, cfg: Config, restored: bool) -> None:
 
 def write_startup(run_dir: Path, startup: dict[str, Any]) -> None:
     """Record what the pool start-up cost."""
-    (run_dir / "startup.json").write_text(json.dumps(startup, indent=1) + "\n")
+    _fs.write_text(run_dir / "startup.json", json.dumps(startup, indent=1) + "\n")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dkdm_cli.distill.checkpoint import Checkpoint, optimizer_tensors, restore_optimizer
+from dkdm_cli.checkpoint import Checkpoint, optimizer_tensors, restore_optimizer
 from dkdm_cli.distill.ema import EMA
 from dkdm_cli.distill.pool import StatePool
 from dkdm_cli.errors import CheckpointError

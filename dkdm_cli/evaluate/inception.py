@@ -35,6 +35,7 @@ from unittest import mock
 import numpy as np
 import torch
 
+from dkdm_cli import _fs
 from dkdm_cli.errors import ModelFileError, OfflineError, UserError
 
 EXTRACTOR = "inception-v3-compat"
@@ -122,10 +123,7 @@ def file_sha256(path: Path, *, cache_dir: Path | None = None) -> str:
     if memo is not None:
         known[stamp] = value
         try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known))
-            os.replace(tmp, memo)
+            _fs.write_text(memo, json.dumps(known))
         except OSError:
             pass  # only a memo: hashing again next time is correct, just slower
     return value

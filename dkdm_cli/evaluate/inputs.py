@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dkdm_cli import _fs
 from dkdm_cli.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # torch-fidelity's defaults, non-recursive
@@ -235,18 +235,6 @@ def read_npz(path: Path) -> tuple[ImageSet | None, ReferenceStats | None]:
 
 # -- caches ------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class FeatureCache:
     """Features per (content hash, extractor weights hash, group) as plain .npy files."""
 
@@ -280,7 +268,7 @@ class FeatureCache:
         """Store each group (atomic writes; a failure only costs a recompute next time)."""
         for group, value in feats.items():
             try:
-                _atomic_write(self._path(content_sha256, group), lambda fh, v=value: np.save(fh, v))
+                _fs.atomic_write(self._path(content_sha256, group), lambda fh, v=value: np.save(fh, v))
             except OSError:
                 pass
 
@@ -313,5 +301,5 @@ def reference_cache_path(key: dict[str, Any]) -> Path:
 
 def store_reference(path: Path, images: np.ndarray, key: dict[str, Any]) -> None:
     """Save teacher samples (arr_0) plus a readable sidecar of the settings that made them."""
-    _atomic_write(path, lambda fh: np.savez(fh, arr_0=images))
-    path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True))
+    _fs.atomic_write(path, lambda fh: np.savez(fh, arr_0=images))
+    _fs.write_text(path.with_suffix(".json"), json.dumps(key, indent=1, sort_keys=True))

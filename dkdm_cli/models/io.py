@@ -7,8 +7,6 @@ Loading never unpickles, and a missing or unexpected weight is an error that nam
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dkdm_cli import __version__
+from dkdm_cli import __version__, _fs
 from dkdm_cli.errors import DkdmError, ModelFileError
 from dkdm_cli.models import ModelSpec, build_from_spec
 
@@ -26,30 +24,16 @@ FORMAT_VERSION = 1
 META_KEY = "dkdm"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically: a temp file in the same folder, fsync, rename.
-
-    If anything fails (disk full included) the temp file is removed and `path` is untouched.
-    """
+    """Write a safetensors file atomically (see `_fs.atomic_path`). If anything fails, disk
+    full included, `path` is untouched; I/O failures are raised as OSError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _fs.atomic_path(path) as tmp:
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                      metadata=metadata)
+        except SafetensorError as exc:
+            raise _fs.safetensors_os_error(exc, path) from exc
 
 
 def read_safetensors(path: Path, *, weights: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -31,7 +31,7 @@ def load_model_file_teacher(path: Path, *, name: str | None = None, device: str 
 
 def load_run_teacher(run_dir: Path, *, ema: bool = True, device: str = "cpu") -> Teacher:
     """A run directory's student (EMA weights by default) as a teacher."""
-    from dkdm_cli.distill.checkpoint import student_from_run
+    from dkdm_cli.checkpoint import student_from_run
 
     model, ckpt = student_from_run(run_dir, ema=ema)
     doc = ckpt.doc

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from dkdm_cli import _fs
 from dkdm_cli.errors import ModelFileError, OfflineError
 from dkdm_cli.teachers.base import Teacher, TeacherEntry
 from dkdm_cli.teachers.registry import register_teacher
@@ -52,7 +52,7 @@ def verify_file(path: Path, sha256: str | None = None) -> None:
     expected = sha256 or (sidecar.read_text().split()[0] if sidecar.is_file() else None)
     actual = _sha256(path)
     if expected is None:
-        sidecar.write_text(f"{actual}  {path.name}\n")
+        _fs.write_text(sidecar, f"{actual}  {path.name}\n")
         return
     if actual != expected:
         raise ModelFileError(
@@ -74,12 +74,10 @@ def download_once(url: str, dest: Path, *, sha256: str | None = None) -> Path:
 
     from dkdm_cli import _console
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
     digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+        with _fs.atomic_path(dest) as tmp, open(tmp, "wb") as out, \
+                urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                        TransferSpeedColumn())
@@ -90,17 +88,13 @@ def download_once(url: str, dest: Path, *, sha256: str | None = None) -> Path:
                     digest.update(chunk)
                     progress.advance(task, len(chunk))
             out.flush()
-            os.fsync(out.fileno())
-        actual = digest.hexdigest()
-        if sha256 and actual != sha256:
-            raise ModelFileError(f"{url}: downloaded file has sha256 {actual}, expected {sha256}")
-        os.replace(tmp, dest)
-        _sidecar(dest).write_text(f"{actual}  {dest.name}\n")
+            actual = digest.hexdigest()
+            if sha256 and actual != sha256:
+                raise ModelFileError(f"{url}: downloaded file has sha256 {actual}, expected {sha256}")
+        _fs.write_text(_sidecar(dest), f"{actual}  {dest.name}\n")
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         raise OfflineError(f"cannot download {url} ({exc}); put the file at {dest}, or pass any "
                            "local copy as the teacher spec") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 

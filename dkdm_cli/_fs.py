@@ -1,0 +1,90 @@
+"""Writing files so that a crash, a kill or a full disk never leaves a half-written one.
+
+Every file dkdm writes goes through `atomic_write`: a temp file in the same folder
+(`.<name>.<random>.tmp`), flushed and fsynced, then renamed over the target. A failure removes
+the temp file and leaves the previous version of the target untouched. A temp file left by a
+killed process (`kill -9` during a save) is removed by `remove_stale_temps` on the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+TEMP_SUFFIX = ".tmp"
+# `.<target name>.<mkstemp's 8 random chars>.tmp`
+_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temp path beside `path` to write to; on success it is fsynced and renamed to `path`
+    (mode as for a new file under the umask), on any failure removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """Call `write(fh)` on a binary temp file, then move it to `path` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+    return Path(path)
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Atomically write UTF-8 text."""
+    return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    """Atomically write bytes."""
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove temp files of interrupted atomic writes in `folder` (not recursive); returns them.
+
+    Only call this on a folder no other process writes to (a locked run directory)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        if _TEMP_RE.match(p.name) and p.is_file():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def safetensors_os_error(exc: Exception, path: Path) -> OSError:
+    """safetensors reports I/O failures (a full disk) as SafetensorError, which is not an
+    OSError; recover the errno from its message so callers handle both alike."""
+    m = re.search(r"code: (\d+)", str(exc))
+    code = int(m.group(1)) if m else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
