@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+from dkdm_cli.errors import UserError
+
 TEMP_SUFFIX = ".tmp"
 # `.<target name>.<mkstemp's 8 random chars>.tmp`
 _TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
@@ -43,8 +45,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
+            exc.filename = str(path)  # name the file the user knows, not our temp file
         raise
 
 
@@ -82,9 +86,25 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     return removed
 
 
+def check_target(path: Path, *, flag: str, folder: bool) -> None:
+    """Refuse, before any work, an output path that cannot be written as asked: a folder that
+    exists as a file, a file name that is a folder, or a parent that is a file."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if folder and not p.is_dir():
+            raise UserError(f"{flag} {path}: exists and is a file, not a folder")
+        if not folder and p.is_dir():
+            raise UserError(f"{flag} {path}: is a folder; give a file name")
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
+
+
 def safetensors_os_error(exc: Exception, path: Path) -> OSError:
     """safetensors reports I/O failures (a full disk) as SafetensorError, which is not an
     OSError; recover the errno from its message so callers handle both alike."""
-    m = re.search(r"code: (\d+)", str(exc))
-    code = int(m.group(1)) if m else errno.EIO
+    m = re.search(r"os error (\d+)|code: (\d+)", str(exc))  # "...device (os error 28)"
+    code = int(m.group(1) or m.group(2)) if m else errno.EIO
     return OSError(code, os.strerror(code), str(path))

@@ -1,9 +1,11 @@
 """Run directories and checkpoints.
 
 A run directory holds:
-  config.resolved.toml       the configuration the run was made with
+  config.resolved.toml       the configuration the run was last started with (for people; the
+                             checkpoints carry their own copy, which resuming checks against)
   checkpoints/ckpt-NNNNNNNN.safetensors
-  metrics.jsonl, grids/, tensorboard/
+  metrics.jsonl, startup.json, grids/, tensorboard/, export/
+  .dkdm.lock                 held by the distill process using the directory (distill/lock.py)
 
 A checkpoint is ONE safetensors file, written atomically (temp file + fsync + rename), read
 without pickle. Tensors: `student/*`, `ema/*`, `optim/<i>/<name>`, `rng/*` and optionally
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from dkdm_cli import __version__
-from dkdm_cli.errors import CheckpointError, ModelFileError
+from dkdm_cli.errors import CheckpointError, ModelFileError, UserError, from_os_error
 from dkdm_cli.models import ModelSpec, build_from_spec
 from dkdm_cli.models.io import atomic_save_safetensors, load_state_strict, read_safetensors
 
@@ -105,10 +107,7 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], doc: dict[str,
     try:
         atomic_save_safetensors(tensors, Path(path), {"dkdm": json.dumps(full)})
     except OSError as exc:
-        raise CheckpointError(
-            f"could not write checkpoint {path}: {exc.strerror or exc}; "
-            "the previous checkpoint is intact"
-        ) from exc
+        raise from_os_error(exc) from exc
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -143,6 +142,37 @@ def load_latest(run_dir: Path, *, warn=None) -> Checkpoint | None:
     if errors:
         raise CheckpointError(f"no readable checkpoint in {run_dir}: {errors[-1]}")
     return None
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is a dkdm run directory (its config record or a checkpoint inside)."""
+    path = Path(path)
+    return (path / CONFIG_NAME).is_file() or bool(list_checkpoints(path))
+
+
+def _is_checkpoint_file(path: Path) -> bool:
+    if CKPT_RE.match(path.name):
+        return True
+    if path.suffix != ".safetensors":
+        return False
+    try:
+        _, meta = read_safetensors(path, weights=False)
+        return json.loads(meta.get("dkdm", "{}")).get("format") == FORMAT
+    except (ModelFileError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def refuse_run_internals(path: Path, *, flag: str) -> None:
+    """UserError when writing `path` could damage a run: it lies inside a run's checkpoints/
+    folder, or it is an existing checkpoint file. (export, sample and eval call this.)"""
+    p = Path(path).expanduser().absolute()
+    for folder in (p, *p.parents):
+        if folder.name == "checkpoints" and is_run_dir(folder.parent):
+            raise UserError(f"{flag} {path}: inside the run's checkpoints folder {folder}, which "
+                            "holds only the run's own checkpoints; choose another path")
+    if p.is_file() and _is_checkpoint_file(p):
+        raise UserError(f"{flag} {path}: is a dkdm checkpoint; writing there would destroy it. "
+                        "Choose another path")
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

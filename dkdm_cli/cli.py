@@ -13,8 +13,12 @@ from rich.markup import escape
 
 from dkdm_cli import __version__, _console
 from dkdm_cli.commands.catalog import students, teachers
+from dkdm_cli.commands.distill import distill
+from dkdm_cli.commands.evaluate import evaluate
+from dkdm_cli.commands.export import export
 from dkdm_cli.commands.init import init
-from dkdm_cli.errors import DkdmError
+from dkdm_cli.commands.sample import sample
+from dkdm_cli.errors import DkdmError, Interrupted, from_os_error
 
 app = typer.Typer(
     name="dkdm",
@@ -43,25 +47,10 @@ def _root(
 app.command("init")(init)
 app.command("students")(students)
 app.command("teachers")(teachers)
-
-
-def _register_optional() -> None:
-    # Commands living in their own modules; imported here so `dkdm --help` lists them.
-    from dkdm_cli.commands import sample as _sample
-
-    app.command("sample")(_sample.sample)
-    for module, names in (("distill", ("distill",)), ("evaluate", ("eval",)), ("export", ("export",))):
-        try:
-            mod = __import__(f"dkdm_cli.commands.{module}", fromlist=["_"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"dkdm_cli.commands.{module}":
-                raise
-            continue
-        for name in names:
-            app.command(name)(getattr(mod, name.replace("eval", "evaluate")))
-
-
-_register_optional()
+app.command("distill")(distill)
+app.command("sample")(sample)
+app.command("eval")(evaluate)
+app.command("export")(export)
 
 
 def _click_errors() -> tuple[type[Exception], ...]:
@@ -94,9 +83,14 @@ def run(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         _console.err.print("interrupted")
         return 130
-    except DkdmError as exc:
+    except Interrupted as exc:
+        _console.err.print("aborted by a second stop signal (the last checkpoint is intact)")
+        return exc.exit_code
+    except (DkdmError, OSError) as exc:
         if debug:
             raise
+        if isinstance(exc, OSError):  # a file-system failure anywhere below: one line, no trace
+            exc = from_os_error(exc)
         _console.err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return exc.exit_code
 

@@ -27,6 +27,10 @@ import tomli_w
 from dkdm_cli.errors import ConfigError
 
 DEFAULT_CONFIG_NAME = "dkdm.toml"
+# Upper bounds that catch typos (10^30 iterations) long before anything runs.
+MAX_ITERATIONS = 10**9
+MAX_BATCH = 1 << 20
+MAX_IMAGES = 10**7
 
 
 def opt(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
@@ -61,8 +65,9 @@ class DistillConfig:
 
     mode: str = opt("dynamic", "basic | shuffle | dynamic | synthetic (the data-free baseline)",
                     choices=("basic", "shuffle", "dynamic", "synthetic"))
-    iterations: int = opt(1500, "total training iterations (resuming continues up to this)", min=1)
-    batch_size: int = opt(64, "states per iteration, b", min=1)
+    iterations: int = opt(1500, "total training iterations (resuming continues up to this)", min=1,
+                          max=MAX_ITERATIONS)
+    batch_size: int = opt(64, "states per iteration, b", min=1, max=MAX_BATCH)
     rho: float = opt(0.1, "pool size factor: N = ceil(rho * T * b) in dynamic mode (paper: 0.4)",
                      gt=0)
     init: str = opt("fast", "pool start-up: exact (paper, ~N*T/2 teacher steps) | fast",
@@ -99,8 +104,8 @@ class DistillConfig:
 class SampleConfig:
     """[sample]: generating images."""
 
-    num: int = opt(64, "number of images", min=1)
-    steps: int = opt(50, "sampling steps (respaced)", min=1)
+    num: int = opt(64, "number of images", min=1, max=MAX_IMAGES)
+    steps: int = opt(50, "sampling steps (respaced; at most the model's T)", min=1)
     sampler: str = opt("iddpm", "iddpm (ancestral) | ddim", choices=("iddpm", "ddim"))
     eta: float = opt(0.0, "DDIM eta (0: deterministic)", min=0)
     seed: int = opt(0, "random seed", min=0)
@@ -112,8 +117,8 @@ class SampleConfig:
 class EvalConfig:
     """[eval]: scoring samples."""
 
-    num: int = opt(1000, "samples to generate when scoring a run", min=2)
-    steps: int = opt(50, "sampling steps", min=1)
+    num: int = opt(1000, "samples to generate when scoring a run", min=2, max=MAX_IMAGES)
+    steps: int = opt(50, "sampling steps (at most the model's T)", min=1)
     sampler: str = opt("iddpm", "iddpm | ddim", choices=("iddpm", "ddim"))
     seed: int = opt(0, "random seed", min=0)
     batch_size: int = opt(64, "images per forward", min=1)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from dkdm_cli import __version__, _console, _fs
-from dkdm_cli.checkpoint import Checkpoint, load_latest, student_from_checkpoint
+from dkdm_cli.checkpoint import Checkpoint, load_latest, refuse_run_internals, student_from_checkpoint
 from dkdm_cli.errors import CheckpointError, ExportCheckError, UserError
 from dkdm_cli.models import count_parameters
 
@@ -103,14 +103,16 @@ def export_student(run_dir: Path, *, fmt: str = "safetensors", out: Path | None 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir}: no such folder")
+    out = Path(out) if out is not None else default_out(run_dir, fmt)
+    if out.suffix != f".{fmt}":
+        raise UserError(f"--out {out}: a {fmt} export must end in .{fmt}")
+    _fs.check_target(out, flag="--out", folder=False)
+    refuse_run_internals(out, flag="--out")
     ckpt = load_latest(run_dir, warn=_console.warn)
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: the run has no checkpoint yet")
     extra = export_doc(ckpt, run_dir, ema=ema)
     model = student_from_checkpoint(ckpt, ema=ema).eval()
-    out = Path(out) if out is not None else default_out(run_dir, fmt)
-    if out.suffix != f".{fmt}":
-        raise UserError(f"--out {out}: a {fmt} export must end in .{fmt}")
     result = ExportResult(path=str(out), format=fmt, step=ckpt.step, ema=ema,
                           parameters=count_parameters(model), architecture=model.spec.name)
     if fmt == "safetensors":

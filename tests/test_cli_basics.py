@@ -84,7 +84,7 @@ def test_init_refuses_to_overwrite_without_force(tmp_path, monkeypatch, capsys):
     target = tmp_path / "proj" / DEFAULT_CONFIG_NAME
     target.write_text('[sample]\nnum = 5\n')
     capsys.readouterr()
-    assert run(["init", "proj", "--student", "unet-s"]) == 1
+    assert run(["init", "proj", "--student", "unet-s"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "already exists" in err and "--force" in err
     assert len(err.splitlines()) == 1

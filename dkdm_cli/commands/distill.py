@@ -31,7 +31,8 @@ def distill(
     compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile",
                         help="torch.compile the student.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Start over a run directory made with "
-                     "another configuration.")] = False,
+                     "another configuration: the old run is moved aside to RUN_DIR.bak-N, never "
+                     "deleted.")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     json_out: JsonOpt = False,
@@ -54,15 +55,17 @@ def distill(
     result = run_distill(cfg, force=force, quiet=quiet, json_out=json_out)
     summary = {"event": "end", "status": result.status, "run_dir": str(result.run_dir),
                "step": result.step, "seconds": round(result.seconds, 2),
-               "checkpoint": str(result.checkpoint) if result.checkpoint else None}
-    if not result.is_main:
-        pass
-    elif json_out:
+               "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+               "signal": result.signal or None}
+    if result.is_main and json_out:
         _console.print_json(summary)
-    elif not quiet:
+    elif result.is_main and not quiet:
         last = result.last_metrics
         loss = f", loss {last['loss']:.4f}" if last.get("loss") is not None else ""
         _console.out.print(f"{result.status}: {result.run_dir} at iteration {result.step}{loss}",
                            highlight=False)
+        if result.status == "interrupted":
+            _console.info(f"stopped by {result.signal or 'a signal'}; saved {result.checkpoint}. "
+                          "Run the same command again to resume")
     if result.status == "interrupted":
-        raise typer.Exit(130)
+        raise typer.Exit(result.exit_code or 130)

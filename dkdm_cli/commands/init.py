@@ -12,11 +12,11 @@ import typer
 
 from dkdm_cli import _console, _fs
 from dkdm_cli.config import DEFAULT_CONFIG_NAME, Config
-from dkdm_cli.errors import DkdmError, UserError
+from dkdm_cli.errors import UserError
 
 
-class AlreadyExists(DkdmError):
-    """The config exists and --force was not given (exit 1: nothing was wrong with the input)."""
+class AlreadyExists(UserError):
+    """The config exists and --force was not given (exit 2: the user can fix it)."""
 
 
 def template_text() -> str:

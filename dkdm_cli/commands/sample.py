@@ -10,9 +10,10 @@ import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from dkdm_cli import _console
+from dkdm_cli import _console, _fs
 from dkdm_cli._device import resolve_device
 from dkdm_cli._options import ConfigOpt, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, SetOpt, TeacherOpt
+from dkdm_cli.checkpoint import refuse_run_internals
 from dkdm_cli.config import SampleConfig, load_config
 from dkdm_cli.errors import UserError
 from dkdm_cli.sample import (
@@ -66,6 +67,17 @@ def load_source(teacher: str | None, model: str | None, *, ema: bool, device: st
         raise UserError("--no-ema applies to run directories; an exported model holds one set "
                         "of weights (choose at export time with dkdm export --no-ema)")
     return load_student(model, ema=ema, device=device)
+
+
+def check_outputs(*, out: Path | None, files: dict[str, Path | None]) -> None:
+    """Refuse unwritable or dangerous output paths before any sampling (exit 2)."""
+    if out is not None:
+        _fs.check_target(out, flag="--out", folder=True)
+        refuse_run_internals(out, flag="--out")
+    for flag, path in files.items():
+        if path is not None:
+            _fs.check_target(path, flag=flag, folder=False)
+            refuse_run_internals(path, flag=flag)
 
 
 def _compare(student: Teacher, path: Path, cfg: SampleConfig, dev, noise, images: np.ndarray,
@@ -129,6 +141,7 @@ def sample(
                         "and/or --compare-teacher PNG")
     if npz is not None and npz.suffix != ".npz":
         raise UserError(f"--npz {npz}: the file name must end in .npz")
+    check_outputs(out=out, files={"--grid": grid, "--npz": npz, "--compare-teacher": compare_teacher})
     cfg = load_config(config, flags={"sample": dict(num=num, steps=steps, sampler=sampler, eta=eta,
                                                     seed=seed, batch_size=batch_size,
                                                     device=device)}, sets=set_).sample

@@ -23,10 +23,11 @@ class Sampler(str, Enum):
 
 def sampling_process(diffusion: GaussianDiffusion, steps: int | None, sampler: Sampler):
     """The (respaced) process a sampler with `steps` steps runs on."""
-    if steps is None or steps >= diffusion.num_timesteps:
+    if steps is not None and not 1 <= steps <= diffusion.num_timesteps:
+        raise ConfigError(f"sampling steps must be between 1 and the model's T = "
+                          f"{diffusion.num_timesteps}, got {steps}")
+    if steps is None or steps == diffusion.num_timesteps:
         return diffusion
-    if steps < 1:
-        raise ConfigError(f"sampling steps must be at least 1, got {steps}")
     spec = f"ddim{steps}" if sampler is Sampler.DDIM else str(steps)
     try:
         kept = space_timesteps(diffusion.num_timesteps, spec)

@@ -64,6 +64,15 @@ def sum_across(info: DistInfo, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def any_across(info: DistInfo, flag: bool) -> bool:
+    """Whether `flag` is true on any rank (every rank must call this at the same point)."""
+    if not info.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def shutdown(info: DistInfo) -> None:
     """Leave the process group."""
     if info.distributed and dist.is_initialized():

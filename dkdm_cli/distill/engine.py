@@ -6,8 +6,8 @@ gives the target and x_{t-1}, the student trains on the same (x_t, t), the new s
 
 from __future__ import annotations
 
+import contextlib
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dkdm_cli import _console
 from dkdm_cli.checkpoint import (
     Checkpoint,
     checkpoint_path,
@@ -25,13 +26,21 @@ from dkdm_cli.checkpoint import (
 from dkdm_cli.config import Config
 from dkdm_cli.diffusion.samplers import Sampler, sample
 from dkdm_cli.distill import runs
-from dkdm_cli.distill.distributed import DistInfo, barrier, init_distributed, shutdown, sum_across
+from dkdm_cli.distill.distributed import (
+    DistInfo,
+    any_across,
+    barrier,
+    init_distributed,
+    shutdown,
+    sum_across,
+)
 from dkdm_cli.distill.ema import EMA
 from dkdm_cli.distill.objective import dkdm_loss, hybrid_loss
 from dkdm_cli.distill.observe import MetricWindow, Observer
 from dkdm_cli.distill.pool import expected_init_steps, init_pool, pool_size, teacher_step
+from dkdm_cli.distill.signals import StopFlag
 from dkdm_cli.distill.state import TrainState, generator_for, pool_from_checkpoint, student_settings
-from dkdm_cli.errors import ShapeMismatchError, TrainingError
+from dkdm_cli.errors import ConfigError, ShapeMismatchError, TrainingError
 from dkdm_cli.models import count_parameters, create_model
 from dkdm_cli.sample import initial_noise, save_grid, to_uint8
 from dkdm_cli.teachers.base import Teacher
@@ -49,30 +58,8 @@ class DistillResult:
     last_metrics: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
     is_main: bool = True  # False on ranks > 0 of a multi-process job
-
-
-class _StopFlag:
-    """Ctrl-C asks the loop to stop at the next iteration boundary; a second one aborts."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> _StopFlag:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread (e.g. some test runners): no handler
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+    exit_code: int = 0  # 130 / 143 when a stop signal ended the run
+    signal: str = ""  # the stop signal's name, e.g. SIGTERM
 
 
 def build_student(cfg: Config, teacher: Teacher, device: torch.device) -> nn.Module:
@@ -80,8 +67,11 @@ def build_student(cfg: Config, teacher: Teacher, device: torch.device) -> nn.Mod
     c, h, w = teacher.sample_shape
     if h != w:
         raise ShapeMismatchError(f"teacher samples are {h}x{w}; students need square inputs")
-    student = create_model(cfg.student.name, image_size=h, in_channels=c,
-                           learn_sigma=teacher.learn_sigma, **cfg.student.kwargs).to(device)
+    # On the meta device (validation) nothing is allocated and no random numbers are drawn.
+    with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
+        student = create_model(cfg.student.name, image_size=h, in_channels=c,
+                               learn_sigma=teacher.learn_sigma, **cfg.student.kwargs)
+    student = student.to(device)
     with torch.no_grad():
         probe = student(torch.zeros(1, c, h, w, device=device), torch.zeros(1, dtype=torch.long,
                                                                            device=device))
@@ -270,15 +260,18 @@ class Distiller:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def train(self, stop: _StopFlag) -> tuple[str, dict[str, Any]]:
-        """Iterate until `iterations` (exactly), an interrupt, or a non-finite loss."""
+    def train(self, stop: StopFlag) -> tuple[str, dict[str, Any]]:
+        """Iterate until `iterations` (exactly), a stop signal, or a non-finite loss."""
         d = self.cfg.distill
         batch = d.batch_size * self.info.world_size
         window = MetricWindow(self.device, self.diffusion.num_timesteps)
         self.obs.phase("distill", total=d.iterations, completed=self.state.step)
         last: dict[str, Any] = {}
+        # Several processes must stop at the same step: they agree at log boundaries (a sync
+        # happens there anyway); a single process stops at the next iteration.
+        agree = self.info.distributed
         while self.state.step < d.iterations:
-            if stop.requested:
+            if stop.requested and not agree:
                 return "interrupted", last
             self.iteration(window)
             step = self.state.step
@@ -299,34 +292,59 @@ class Distiller:
                 self.save()
             if d.grid_every and step % d.grid_every == 0:
                 self.write_grid()
+            if agree and boundary and any_across(self.info, stop.requested):
+                return ("interrupted", last) if step < d.iterations else ("completed", last)
         return "completed", last
+
+
+def check_before_start(cfg: Config, teacher: Teacher) -> None:
+    """Everything that can be refused is refused here, before the run directory is touched:
+    the student (preset, kwargs, shape against the teacher, built on the meta device) and the
+    settings that depend on the teacher."""
+    T = teacher.diffusion.num_timesteps
+    d = cfg.distill
+    build_student(cfg, teacher, torch.device("meta"))
+    if d.grid_every and d.grid_steps > T:
+        raise ConfigError(f"distill.grid_steps = {d.grid_steps}: the teacher has T = {T} steps; "
+                          f"use at most {T}")
+    if d.mode == "synthetic" and d.synthetic_steps > T:
+        raise ConfigError(f"distill.synthetic_steps = {d.synthetic_steps}: the teacher has T = {T} "
+                          f"steps; use at most {T}")
 
 
 def distill(cfg: Config, *, force: bool = False, quiet: bool = False, json_out: bool = False,
             teacher: Teacher | None = None) -> DistillResult:
     """Train `cfg.student` to imitate `cfg.teacher`'s denoising, with no data. Resumes a run
-    directory that already has checkpoints; refuses one made with another config unless `force`."""
+    directory that already has checkpoints; one made with another config is refused unless
+    `force`, which moves it aside (never deletes). Nothing in the run directory is written
+    before the teacher, the student and every setting have been checked."""
     info = init_distributed(cfg.distill.device)
     start = time.perf_counter()
+    opened = None
     try:
         run_dir = runs.resolve_run_dir(cfg)
-        # Rank 0 checks and writes the run directory first; the others then only read it.
-        ckpt = runs.prepare_run_dir(run_dir, cfg, force=force, is_main=True) if info.is_main else None
-        barrier(info)
-        if not info.is_main:
-            ckpt = runs.prepare_run_dir(run_dir, cfg, force=force, is_main=False)
-        if ckpt is not None and ckpt.step >= cfg.distill.iterations:
-            return DistillResult(run_dir, ckpt.step, "already-complete", 0.0, checkpoint=ckpt.path,
-                                 is_main=info.is_main)
+        runs.check_run_dir_path(run_dir)
         if teacher is None:
             teacher = resolve_teacher(cfg.teacher.name, arch=cfg.teacher.arch,
                                       arch_kwargs=cfg.teacher.arch_kwargs, device=str(info.device))
+        check_before_start(cfg, teacher)
+        # Rank 0 locks, checks and writes the run directory first; the others then only read it.
+        if info.is_main:
+            opened = runs.open_run_dir(run_dir, cfg, force=force, say=None if quiet or json_out
+                                       else _console.info)
+            ckpt = opened.checkpoint
+        barrier(info)
+        if not info.is_main:
+            ckpt = runs.latest_checkpoint(run_dir)
+        if ckpt is not None and ckpt.step >= cfg.distill.iterations:
+            return DistillResult(run_dir, ckpt.step, "already-complete", 0.0, checkpoint=ckpt.path,
+                                 is_main=info.is_main)
         if info.device.type == "cuda":
             teacher.to(info.device, dtype=torch.float16)
         else:
             teacher.to(info.device)
         with Observer(run_dir, is_main=info.is_main, quiet=quiet, json_out=json_out,
-                      tensorboard=cfg.distill.tensorboard) as obs, _StopFlag() as stop:
+                      tensorboard=cfg.distill.tensorboard) as obs, StopFlag() as stop:
             run = Distiller(cfg, info=info, run_dir=run_dir, teacher=teacher, observer=obs)
             runs.announce(obs, cfg, info, teacher, run.state.student, count_parameters)
             restored = run.prepare_data(ckpt)
@@ -338,6 +356,8 @@ def distill(cfg: Config, *, force: bool = False, quiet: bool = False, json_out: 
             status, last = run.train(stop)
             path = run.save() if status == "interrupted" else checkpoint_path(run_dir, run.state.step)
         return DistillResult(run_dir, run.state.step, status, time.perf_counter() - start, last, path,
-                             is_main=info.is_main)
+                             is_main=info.is_main, exit_code=stop.exit_code, signal=stop.name)
     finally:
+        if opened is not None:
+            opened.lock.release()
         shutdown(info)

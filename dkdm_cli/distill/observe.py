@@ -111,8 +111,8 @@ class Observer:
             self.progress.update(self.task, advance=n, **kw)
 
     def message(self, text: str) -> None:
-        """A line for humans (stderr), only from the main rank and not in --json mode."""
-        if self.is_main and not self.json_out:
+        """A line for humans (stderr): main rank only, not with --quiet or --json."""
+        if self.show:
             self.progress.console.print(text, highlight=False)
 
     def log(self, record: dict[str, Any]) -> None:

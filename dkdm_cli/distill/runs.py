@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dkdm_cli import _console, _fs
 from dkdm_cli.checkpoint import CONFIG_NAME, Checkpoint, checkpoint_dir, load_latest
 from dkdm_cli.config import Config, merge, read_toml
-from dkdm_cli.errors import UserError
+from dkdm_cli.distill.lock import RunLock
+from dkdm_cli.errors import CheckpointError, ConfigError, UserError
 
 # Settings that may change when a run is resumed; every other one must match.
 RESUMABLE = {
@@ -53,34 +54,118 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diffs
 
 
-def prepare_run_dir(run_dir: Path, cfg: Config, *, force: bool, is_main: bool) -> Checkpoint | None:
-    """Check the run directory against `cfg` and return the checkpoint to resume from, if any.
+def check_run_dir_path(run_dir: Path) -> None:
+    """Refuse a --run-dir that cannot be a folder (it, or a parent, is a file)."""
+    _fs.check_target(run_dir, flag="--run-dir", folder=True)
 
-    A directory made with a different configuration is refused unless `force`, which starts
-    the run over (its checkpoints, metrics and grids are removed).
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest readable checkpoint (unreadable newer ones skipped with a warning)."""
+    return load_latest(run_dir, warn=_console.warn) if checkpoint_dir(run_dir).is_dir() else None
+
+
+def saved_config(ckpt: Checkpoint, run_dir: Path) -> dict[str, Any]:
+    """The configuration a checkpoint was written under (its own record; older checkpoints:
+    the run's config.resolved.toml)."""
+    raw = ckpt.doc.get("config")
+    if not isinstance(raw, dict):
+        raw = read_toml(run_dir / CONFIG_NAME) if (run_dir / CONFIG_NAME).is_file() else {}
+    try:
+        return merge(Config(), raw, source=str(ckpt.path)).to_dict()
+    except ConfigError:  # written by another version: compare what is there
+        return raw
+
+
+def backup_path(run_dir: Path) -> Path:
+    """The first free `<run_dir>.bak-N` beside the run directory."""
+    n = 1
+    while (candidate := run_dir.with_name(f"{run_dir.name}.bak-{n}")).exists():
+        n += 1
+    return candidate
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Rename the whole run directory to `<run_dir>.bak-N`; returns where it went."""
+    here = Path.cwd().resolve()
+    if run_dir.resolve() == here or run_dir.resolve() in here.parents:
+        raise UserError(f"--force would move {run_dir} aside, but it is the current folder (or "
+                        "holds it); run the command from outside it")
+    dest = backup_path(run_dir)
+    run_dir.rename(dest)
+    return dest
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep only the metrics.jsonl records up to `step`, so a resumed run logs each step once
+    (a killed run may have logged past its last checkpoint)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    keep = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+            keep.append(line)
+    if len(keep) != len(lines):
+        _fs.write_text(path, "".join(f"{line}\n" for line in keep))
+
+
+@dataclass
+class OpenedRun:
+    """A locked run directory and the checkpoint to resume from (None: a fresh start)."""
+
+    lock: RunLock
+    checkpoint: Checkpoint | None
+    moved_to: Path | None = None
+
+
+def open_run_dir(run_dir: Path, cfg: Config, *, force: bool, say=None) -> OpenedRun:
+    """Lock the run directory and decide: resume, start fresh, or (with `force`, when the
+    configuration differs) move the old run aside to `<run_dir>.bak-N` and start fresh.
+
+    Differences are checked against the newest checkpoint's own configuration: a directory
+    without a checkpoint has nothing to lose, so a failed first try never locks it. Leftovers
+    of a killed save are removed; metrics.jsonl is cut back to the checkpoint's step.
     """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--run-dir {run_dir}: exists and is not a folder")
-    saved = run_dir / CONFIG_NAME
-    if saved.is_file():
-        old = merge(Config(), read_toml(saved), source=str(saved)).to_dict()
-        diffs = config_differences(old, cfg.to_dict())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir).acquire()
+    try:
+        for folder in (run_dir, checkpoint_dir(run_dir), run_dir / "grids", run_dir / "export"):
+            _fs.remove_stale_temps(folder)
+        moved = None
+        try:
+            ckpt = latest_checkpoint(run_dir)
+            diffs = config_differences(saved_config(ckpt, run_dir), cfg.to_dict()) if ckpt else []
+        except CheckpointError as exc:
+            if not force:
+                raise CheckpointError(f"{exc}; pass --force to move this run aside (to "
+                                      f"{backup_path(run_dir)}) and start over") from exc
+            ckpt, diffs = None, ["unreadable checkpoints"]
         if diffs and not force:
             more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
             raise UserError(
-                f"{run_dir} was made with a different configuration ({'; '.join(diffs[:3])}{more}); "
-                "pass --force to start it over, or choose another --run-dir"
-            )
-        if diffs and force and is_main:
-            for sub in ("checkpoints", "grids", "tensorboard"):
-                shutil.rmtree(run_dir / sub, ignore_errors=True)
-            for name in ("metrics.jsonl", "startup.json"):
-                (run_dir / name).unlink(missing_ok=True)
-    ckpt = load_latest(run_dir, warn=_console.warn) if checkpoint_dir(run_dir).is_dir() else None
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(saved)
-    return ckpt
+                f"{run_dir} holds a run made with a different configuration "
+                f"({'; '.join(diffs[:3])}{more}); pass --force to move it aside to "
+                f"{backup_path(run_dir)} and start over, or choose another --run-dir")
+        if diffs:
+            moved = move_aside(run_dir)
+            run_dir.mkdir(parents=True)
+            old, lock = lock, RunLock(run_dir).acquire()
+            old.release()
+            ckpt = None
+            if say is not None:
+                say(f"moved the previous run to {moved} (undo: rm -r {run_dir} && mv {moved} "
+                    f"{run_dir})")
+        truncate_metrics(run_dir, ckpt.step if ckpt is not None else 0)
+        cfg.save(run_dir / CONFIG_NAME)
+        return OpenedRun(lock=lock, checkpoint=ckpt, moved_to=moved)
+    except BaseException:
+        lock.release()
+        raise
 
 
 def teacher_reference(spec: str) -> str:

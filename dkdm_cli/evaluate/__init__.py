@@ -133,6 +133,19 @@ def _generate(model, *, cfg: EvalConfig, seed: int, num: int, device, progress: 
                     batch_size=cfg.batch_size, device=device, on_batch=progress(label, num))
 
 
+def check_samples(spec: str) -> None:
+    """Refuse samples that cannot be opened: a missing path, an unknown teacher name, a file
+    of the wrong type (the same rules open_samples applies, without loading anything)."""
+    from dkdm_cli.teachers.spec import classify
+
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".npz" or path.is_dir():
+        return
+    if not path.exists() and Path(spec).suffix in (".npz", ".png", ".safetensors"):
+        raise UserError(f"{spec}: no such file or folder")
+    classify(spec)
+
+
 def open_samples(spec: str, *, cfg: EvalConfig, ema: bool, device, progress: Progress):
     """(ImageSet, model or None): a folder, an .npz's arr_0, or `cfg.num` fresh samples of a
     run directory / exported student / teacher spec."""
@@ -302,6 +315,7 @@ def evaluate(
     wanted = requested_metrics(metrics, bounds)
     progress = progress or _no_progress
     device = resolve_device(cfg.device)
+    check_samples(samples)  # a typo fails here, before anything is hashed, cached or sampled
     # Weights first: offline without them, fail before minutes of sampling.
     weights = resolve_weights(cfg.inception_weights or None, quiet=quiet, cache_dir=cache_dir())
     if wanted - {"isc"}:

@@ -131,8 +131,11 @@ def folder_images(path: Path) -> ImageSet:
     if len(files) < 2:
         raise UserError(f"{path}: expected at least 2 images ({', '.join(IMAGE_SUFFIXES)}) "
                         f"directly inside, found {len(files)}")
-    with Image.open(files[0]) as first:
-        shape = (first.height, first.width, 3)
+    try:
+        with Image.open(files[0]) as first:
+            shape = (first.height, first.width, 3)
+    except OSError as exc:
+        raise UserError(f"{files[0]}: not a readable image ({exc})") from exc
     info = {"lossy": True} if any(p.suffix.lower() in LOSSY_SUFFIXES for p in files) else {}
     return ImageSet("folder", str(path), len(files), shape, info, _files=files)
 

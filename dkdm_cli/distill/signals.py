@@ -1,0 +1,63 @@
+"""Stop signals: save at the next iteration boundary, then exit.
+
+Ctrl-C (SIGINT), SIGTERM (what SLURM, Kubernetes and torchrun send before killing, e.g. on
+preemption) and SIGUSR1 (what `#SBATCH --signal=USR1@120` sends ahead of the time limit) each
+ask the loop to stop at the next iteration boundary; the run then saves a checkpoint and exits
+130 (SIGINT) or 143 (the others). A second signal aborts at once (`errors.Interrupted`).
+"""
+
+from __future__ import annotations
+
+import signal
+
+from dkdm_cli.errors import Interrupted
+
+# signal -> exit code of a run it stopped
+EXIT_CODES: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
+if hasattr(signal, "SIGUSR1"):
+    EXIT_CODES[signal.SIGUSR1] = 143
+
+
+class StopFlag:
+    """While entered, the stop signals set `requested` instead of killing the process."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop signal has arrived."""
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        """The exit code for the signal that stopped the run."""
+        return EXIT_CODES.get(self.signum, 130) if self.signum is not None else 0
+
+    @property
+    def name(self) -> str:
+        """The stopping signal's name, e.g. 'SIGTERM'."""
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def request(self, signum: int = signal.SIGINT) -> None:
+        """Ask the loop to stop, as the signal `signum` would."""
+        self.signum = signum
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise Interrupted(EXIT_CODES.get(signum, 130))
+        self.signum = signum
+
+    def __enter__(self) -> StopFlag:
+        for signum in EXIT_CODES:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (some embedders): keep the defaults
+                break
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
