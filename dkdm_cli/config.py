@@ -14,6 +14,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,67 @@ MAX_BATCH = 1 << 20
 MAX_IMAGES = 10**7
 
 
+class Choice(str, Enum):
+    """A set of named choices: the value is what TOML and the command line spell, `help` what
+    the choice does. Config fields, CLI help and the `dkdm init` template derive from these."""
+
+    def __new__(cls, value: str, help: str = ""):
+        obj = str.__new__(cls, value)
+        obj._value_ = value
+        obj.help = help
+        return obj
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def spelled(cls) -> str:
+        """'a | b | c'."""
+        return " | ".join(m.value for m in cls)
+
+    @classmethod
+    def described(cls) -> str:
+        """'a (what a does) | b (...)'."""
+        return " | ".join(f"{m.value} ({m.help})" if m.help else m.value for m in cls)
+
+
+class Mode(Choice):
+    """Where each iteration's training batch comes from (docs/method.md)."""
+
+    BASIC = ("basic", "one batch of chain states, all started from noise")
+    SHUFFLE = ("shuffle", "one batch of states at shuffled start steps")
+    DYNAMIC = ("dynamic", "DKDM: a pool of ceil(rho*T*b) states, b drawn per iteration")
+    SYNTHETIC = ("synthetic", "data-free baseline: L_hybrid on pre-generated teacher samples")
+    DATA = ("data", "data-driven reference, NOT data-free: L_hybrid on real images")
+
+    @property
+    def uses_pool(self) -> bool:
+        """Whether the batches are chain states of a pool (the DKDM modes)."""
+        return self in (Mode.BASIC, Mode.SHUFFLE, Mode.DYNAMIC)
+
+
+class Init(Choice):
+    """How the pool's states reach their shuffled start steps."""
+
+    EXACT = ("exact", "the teacher's ancestral chain, ~N*T/2 teacher steps")
+    FAST = ("fast", "at most init_steps DDIM jumps per state")
+
+
+class Precision(Choice):
+    """Arithmetic of the student's forward pass."""
+
+    AUTO = ("auto", "bf16 autocast on CUDA, fp32 elsewhere")
+    FP32 = ("fp32", "")
+    BF16 = ("bf16", "")
+
+
 def opt(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
-        choices: tuple | None = None, gt: float | None = None) -> Any:
-    """A config field with its documentation and validation rules."""
-    meta = {"doc": doc, "min": min, "max": max, "choices": choices, "gt": gt}
+        choices: tuple | None = None, gt: float | None = None, auto: bool = False) -> Any:
+    """A config field with its documentation and validation rules (`auto`: the string "auto" is
+    also accepted). An Enum default brings its own choices."""
+    if isinstance(default, Choice):
+        choices = tuple(type(default))
+    meta = {"doc": doc, "min": min, "max": max, "choices": choices, "gt": gt, "auto": auto}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -63,15 +121,13 @@ class StudentConfig:
 class DistillConfig:
     """[distill]: the DKDM training run."""
 
-    mode: str = opt("dynamic", "basic | shuffle | dynamic | synthetic (the data-free baseline)",
-                    choices=("basic", "shuffle", "dynamic", "synthetic"))
+    mode: Mode = opt(Mode.DYNAMIC, f"where batches come from: {Mode.described()}")
     iterations: int = opt(1500, "total training iterations (resuming continues up to this)", min=1,
                           max=MAX_ITERATIONS)
     batch_size: int = opt(64, "states per iteration, b", min=1, max=MAX_BATCH)
     rho: float = opt(0.1, "pool size factor: N = ceil(rho * T * b) in dynamic mode (paper: 0.4)",
                      gt=0)
-    init: str = opt("fast", "pool start-up: exact (paper, ~N*T/2 teacher steps) | fast",
-                    choices=("exact", "fast"))
+    init: Init = opt(Init.FAST, f"pool start-up: {Init.described()}")
     init_steps: int = opt(8, "fast init: at most this many teacher steps per state", min=1)
     init_batch_size: int = opt(256, "teacher batch size during pool start-up", min=1)
     vlb_lambda: float = opt(0.001, "lambda of L_vlb* (weight of the per-t KL = lambda * T)", min=0)
@@ -83,8 +139,7 @@ class DistillConfig:
     ema_warmup: bool = opt(True, "ramp the EMA decay as min(rate, (1+n)/(10+n))")
     seed: int = opt(0, "random seed (each rank adds its rank)", min=0)
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = opt("auto", "auto (bf16 autocast on CUDA) | fp32 | bf16",
-                         choices=("auto", "fp32", "bf16"))
+    precision: Precision = opt(Precision.AUTO, f"student arithmetic: {Precision.described()}")
     compile: bool = opt(False, "torch.compile the student")
     run_dir: str = opt("", "run directory (default runs/<teacher>-<student>)")
     save_every: int = opt(500, "checkpoint every N iterations (and at the end)", min=1)
@@ -96,8 +151,13 @@ class DistillConfig:
     grid_num: int = opt(16, "images in that grid", min=1)
     grid_steps: int = opt(25, "sampling steps for that grid", min=1)
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
-    synthetic_samples: int = opt(2048, "synthetic mode: teacher samples to pre-generate", min=1)
-    synthetic_steps: int = opt(50, "synthetic mode: sampling steps per teacher sample", min=1)
+    synthetic_samples: int | str = opt(
+        "auto", "synthetic mode: teacher samples to pre-generate; auto: as many as make the "
+        "teacher forwards equal those of the dynamic-mode run with these settings", min=1, auto=True)
+    synthetic_steps: int = opt(50, "synthetic mode: ancestral sampling steps per teacher sample",
+                               min=1)
+    data: str = opt("", "data mode: a folder of images or an .npz (arr_0, uint8 N x H x W x C) of "
+                    "REAL images at the teacher's size (a reference for studies, not data-free)")
 
 
 @dataclass(frozen=True)
@@ -161,7 +221,6 @@ class Config:
         _fs.write_text(Path(path), self.to_toml())
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Config)}
 _SECTION_TYPES = {"teacher": TeacherConfig, "student": StudentConfig, "distill": DistillConfig,
                   "sample": SampleConfig, "eval": EvalConfig, "export": ExportConfig}
 
@@ -177,15 +236,23 @@ def _type_name(tp: Any) -> str:
 
 
 def _check_value(where: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    meta = f.metadata
+    if meta.get("auto") and value == "auto":
+        return value
+    if isinstance(tp, type) and issubclass(tp, Choice):
+        if isinstance(value, str) and value in tp._value2member_map_:
+            return tp(value)
+        raise ConfigError(f"{where}: expected one of {', '.join(m.value for m in tp)}, got {value!r}"
+                          + _did_you_mean(str(value), [m.value for m in tp]))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     if not ok:
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        also = ' or "auto"' if meta.get("auto") else ""
+        raise ConfigError(f"{where}: expected {_type_name(tp)}{also}, got {value!r}")
     # TOML accepts nan and inf; every range check below is False for nan, so refuse them here.
     if tp is float and not math.isfinite(value):
         raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-    meta = f.metadata
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(
             f"{where}: expected one of {', '.join(meta['choices'])}, got {value!r}"
@@ -211,8 +278,8 @@ def _merge_section(source: str, section: str, current: Any, values: dict[str, An
                 f"{source}: unknown key [{section}] {key}{_did_you_mean(key, by_name)}"
             )
         tp = hints[key]
-        if isinstance(tp, types.UnionType | typing._UnionGenericAlias):  # pragma: no cover
-            tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        if isinstance(tp, types.UnionType):  # int | str: a number or "auto"
+            tp = [a for a in typing.get_args(tp) if a is not str][0]
         updates[key] = _check_value(f"{source}: [{section}] {key}", by_name[key], tp, value)
     return dataclasses.replace(current, **updates)
 

@@ -45,6 +45,7 @@ def test_safetensors_export_loads_as_teacher_and_as_student(tiny_run_dir, tmp_pa
     assert "[student]" in card and ckpt.doc["teacher"] in card
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_fixture", ["tiny_run_dir", "tiny_dit_run_dir"])
 def test_onnx_export_matches_pytorch(run_fixture, request, tmp_path):
     import onnx
@@ -67,6 +68,7 @@ def test_onnx_export_matches_pytorch(run_fixture, request, tmp_path):
     assert "ONNX check" in (tmp_path / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_onnx_mismatch_is_an_error_and_leaves_nothing(tiny_dit_run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(E, "check_onnx", lambda *a, **k: 0.5)
     out = tmp_path / "bad.onnx"

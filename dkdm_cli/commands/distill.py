@@ -9,7 +9,7 @@ import typer
 
 from dkdm_cli import _console
 from dkdm_cli._options import ConfigOpt, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, SetOpt, StudentOpt, TeacherOpt
-from dkdm_cli.config import load_config
+from dkdm_cli.config import Mode, load_config
 
 
 def distill(
@@ -23,7 +23,7 @@ def distill(
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", "-b", help="States per iteration.")] = None,
     mode: Annotated[Optional[str], typer.Option(
-        "--mode", help="basic | shuffle | dynamic | synthetic.")] = None,
+        "--mode", help=f"{Mode.spelled()} (see docs/method.md).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-r", help="Run directory.")] = None,
     device: DeviceOpt = None,
@@ -56,7 +56,7 @@ def distill(
     summary = {"event": "end", "status": result.status, "run_dir": str(result.run_dir),
                "step": result.step, "seconds": round(result.seconds, 2),
                "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-               "signal": result.signal or None}
+               "signal": result.signal or None, "teacher_forwards": result.teacher_forwards}
     if result.is_main and json_out:
         _console.print_json(summary)
     elif result.is_main and not quiet:

@@ -23,7 +23,7 @@ from dkdm_cli.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from dkdm_cli.config import Config
+from dkdm_cli.config import Config, Mode, Precision
 from dkdm_cli.diffusion.samplers import Sampler, sample
 from dkdm_cli.distill import runs
 from dkdm_cli.distill.distributed import (
@@ -35,11 +35,11 @@ from dkdm_cli.distill.distributed import (
     sum_across,
 )
 from dkdm_cli.distill.ema import EMA
-from dkdm_cli.distill.objective import dkdm_loss, hybrid_loss
 from dkdm_cli.distill.observe import MetricWindow, Observer
-from dkdm_cli.distill.pool import expected_init_steps, init_pool, pool_size, teacher_step
+from dkdm_cli.distill.realdata import open_images
 from dkdm_cli.distill.signals import StopFlag
-from dkdm_cli.distill.state import TrainState, generator_for, pool_from_checkpoint, student_settings
+from dkdm_cli.distill.sources import build_source
+from dkdm_cli.distill.state import TrainState, student_settings
 from dkdm_cli.errors import ConfigError, ShapeMismatchError, TrainingError
 from dkdm_cli.models import count_parameters, create_model
 from dkdm_cli.sample import initial_noise, save_grid, to_uint8
@@ -60,6 +60,7 @@ class DistillResult:
     is_main: bool = True  # False on ranks > 0 of a multi-process job
     exit_code: int = 0  # 130 / 143 when a stop signal ended the run
     signal: str = ""  # the stop signal's name, e.g. SIGTERM
+    teacher_forwards: int = 0  # per image, start-up included, over all processes
 
 
 def build_student(cfg: Config, teacher: Teacher, device: torch.device) -> nn.Module:
@@ -88,8 +89,8 @@ def _lr_at(cfg: Config, step: int) -> float:
     return d.lr * min(1.0, (step + 1) / d.warmup) if d.warmup else d.lr
 
 
-def _autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+def _autocast(device: torch.device, precision: Precision):
+    use_bf16 = precision is Precision.BF16 or (precision is Precision.AUTO and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
@@ -121,92 +122,30 @@ class Distiller:
 
     # -- start-up ----------------------------------------------------------------------------
 
-    def prepare_data(self, ckpt: Checkpoint | None) -> bool:
-        """Build the pool (dkdm modes) or synthetic data set (baseline), from the checkpoint when
-        it holds them; returns whether they came from the checkpoint."""
-        d, T = self.cfg.distill, self.diffusion.num_timesteps
-        resumed_step = ckpt.step if ckpt is not None else 0
-        gen = generator_for(self.device, self.seed * 1_000_003 + resumed_step)
-        shape = self.teacher.sample_shape
-        if d.mode == "synthetic":
-            self.state.data_gen = gen
-            if ckpt is not None and "synthetic/x" in ckpt.tensors:
-                self.state.synthetic = ckpt.tensors["synthetic/x"].to(self.device)
-                gen.set_state(ckpt.tensors["rng/data"])
-                return True
-            self.state.synthetic = self._generate_synthetic(d.synthetic_samples, shape)
-            return False
-        size = pool_size(mode=d.mode, rho=d.rho, num_timesteps=T, batch_size=d.batch_size)
-        if ckpt is not None and not self.info.distributed:
-            pool = pool_from_checkpoint(ckpt, num_timesteps=T, size=size, device=self.device,
-                                        generator=gen)
-            if pool is not None:
-                self.state.pool = pool
-                return True
-        total = expected_init_steps(size=size, num_timesteps=T, init=d.init, init_steps=d.init_steps,
-                                    mode=d.mode)
-        self.obs.phase(f"start-up ({d.init}) teacher steps", total=max(total, 1))
-        start = time.perf_counter()
-        self.state.pool = init_pool(
-            size=size, shape=shape, diffusion=self.diffusion, teacher_fn=self.teacher.model_output,
-            mode=d.mode, init=d.init, init_steps=d.init_steps, chunk=d.init_batch_size,
-            clip_denoised=self.clip, device=self.device, generator=gen, tick=self.obs.advance,
-        )
-        pool = self.state.pool
-        self.startup = {"pool_size": len(pool), "pool_bytes": pool.nbytes,
-                        "init": d.init if d.mode != "basic" else "none",
-                        "teacher_sample_steps": pool.teacher_sample_steps,
-                        "seconds": round(time.perf_counter() - start, 3)}
-        return False
+    def prepare_source(self, ckpt: Checkpoint | None) -> bool:
+        """Build the batch source of the mode (pool, teacher samples or real images), from the
+        checkpoint where it holds it; returns whether it came from the checkpoint."""
+        built = build_source(self.cfg.distill, teacher=self.teacher, device=self.device,
+                             seed=self.seed, ckpt=ckpt, distributed=self.info.distributed,
+                             obs=self.obs)
+        self.source, self.startup = built.source, built.startup
+        return built.restored
 
-    def _generate_synthetic(self, num: int, shape) -> torch.Tensor:
-        self.obs.phase("synthetic teacher samples", total=num)
-        noise = initial_noise(num, shape, seed=self.seed)
-        out = []
-        gen = torch.Generator(device=self.device).manual_seed(self.seed + 7)
-        bs = self.cfg.distill.init_batch_size
-        for i in range(0, num, bs):
-            x = sample(self.teacher.denoise, self.diffusion, noise=noise[i:i + bs].to(self.device),
-                       steps=self.cfg.distill.synthetic_steps, sampler=Sampler.IDDPM,
-                       clip_denoised=self.clip, generator=gen)
-            out.append(x)
-            self.obs.advance(len(x))
-        return torch.cat(out)  # (M, C, H, W)
+    def teacher_forwards(self) -> int:
+        """Teacher forwards (per image) spent so far: start-up plus every iteration's."""
+        return self.source.startup_forwards + self.source.forwards_per_iteration * self.state.step
 
     # -- one iteration -----------------------------------------------------------------------
-
-    def _batch(self):
-        d, pool = self.cfg.distill, self.state.pool
-        if pool is not None:
-            idx = pool.draw(d.batch_size)
-            x, t = pool.x[idx], pool.t[idx]  # (b, C, H, W), (b,)
-            res = teacher_step(self.teacher.model_output, self.diffusion, x=x, t=t,
-                               noise=pool.randn(x.shape), clip_denoised=self.clip)
-            pool.write_back(idx, res.x_next, t)
-            return x, t, res, None
-        gen = self.state.data_gen
-        idx = torch.randint(0, len(self.state.synthetic), (d.batch_size,), generator=gen,
-                            device=self.device)
-        x0 = self.state.synthetic[idx]
-        t = torch.randint(0, self.diffusion.num_timesteps, (d.batch_size,), generator=gen,
-                          device=self.device)
-        noise = torch.randn(x0.shape, generator=gen, device=self.device)
-        return self.diffusion.q_sample(x0, t, noise), t, None, (x0, noise)
 
     def iteration(self, window: MetricWindow) -> torch.Tensor:
         """One training iteration; returns the loss (on the device, not synchronised)."""
         d, st = self.cfg.distill, self.state
-        x, t, teacher, data = self._batch()
+        batch = self.source.next()
         for group in st.opt.param_groups:
             group["lr"] = _lr_at(self.cfg, st.step)
         with _autocast(self.device, d.precision):
-            out = self.train_model(x, self.diffusion.model_timesteps(t))
-        if data is None:
-            terms = dkdm_loss(self.diffusion, teacher_out=teacher.teacher_out, student_out=out, x_t=x,
-                              t=t, lam=d.vlb_lambda, clip_denoised=self.clip, teacher_step=teacher.step)
-        else:
-            terms = hybrid_loss(self.diffusion, model_out=out, x0=data[0], x_t=x, t=t, noise=data[1],
-                                lam=d.vlb_lambda)
+            out = self.train_model(batch.x, self.diffusion.model_timesteps(batch.t))
+        terms = batch.loss(out)
         st.opt.zero_grad(set_to_none=True)
         terms.loss.backward()
         if d.grad_clip > 0:
@@ -216,8 +155,8 @@ class Distiller:
         st.opt.step()
         st.ema.update(st.student)
         st.step += 1
-        window.add(loss=terms.loss, mse=terms.mse, kl=terms.kl, per_sample=terms.per_sample, t=t,
-                   grad_norm=grad_norm)
+        window.add(loss=terms.loss, mse=terms.mse, kl=terms.kl, per_sample=terms.per_sample,
+                   t=batch.t, grad_norm=grad_norm)
         return terms.loss
 
     # -- outputs -----------------------------------------------------------------------------
@@ -228,7 +167,9 @@ class Distiller:
         path = checkpoint_path(self.run_dir, self.state.step)
         if self.info.is_main:
             save_pool = d.save_pool and not self.info.distributed
-            tensors, doc = self.state.to_tensors(save_pool=save_pool)
+            tensors, doc = self.state.to_tensors()
+            tensors.update(self.source.tensors(save_data=save_pool))
+            doc["startup_teacher_forwards"] = self.source.startup_forwards
             doc.update(runs.checkpoint_doc(self.cfg, self.teacher, self.state.student, self.settings))
             save_checkpoint(path, tensors, doc)
             prune_checkpoints(self.run_dir, d.keep_last)
@@ -256,7 +197,8 @@ class Distiller:
         seconds = max(time.perf_counter() - window.started, 1e-9)
         its = window.iterations / seconds
         return {"step": self.state.step, **summary, "lr": _lr_at(self.cfg, self.state.step - 1),
-                "it_per_s": its, "images_per_s": its * batch}
+                "it_per_s": its, "images_per_s": its * batch,
+                "teacher_forwards": self.teacher_forwards() * self.info.world_size}
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -307,7 +249,12 @@ def check_before_start(cfg: Config, teacher: Teacher) -> None:
     if d.grid_every and d.grid_steps > T:
         raise ConfigError(f"distill.grid_steps = {d.grid_steps}: the teacher has T = {T} steps; "
                           f"use at most {T}")
-    if d.mode == "synthetic" and d.synthetic_steps > T:
+    if d.mode is Mode.DATA:
+        if teacher.autoencoder is not None:
+            raise ConfigError("mode data trains in pixel space; this teacher is latent "
+                              "(encoding real images is not supported)")
+        open_images(d.data, tuple(teacher.sample_shape))
+    if d.mode is Mode.SYNTHETIC and d.synthetic_steps > T:
         raise ConfigError(f"distill.synthetic_steps = {d.synthetic_steps}: the teacher has T = {T} "
                           f"steps; use at most {T}")
 
@@ -347,16 +294,17 @@ def distill(cfg: Config, *, force: bool = False, quiet: bool = False, json_out: 
                       tensorboard=cfg.distill.tensorboard) as obs, StopFlag() as stop:
             run = Distiller(cfg, info=info, run_dir=run_dir, teacher=teacher, observer=obs)
             runs.announce(obs, cfg, info, teacher, run.state.student, count_parameters)
-            restored = run.prepare_data(ckpt)
+            restored = run.prepare_source(ckpt)
             if ckpt is not None:
                 run.state.restore(ckpt)
-                runs.warn_if_pool_reset(obs, cfg, restored)
-            elif info.is_main and getattr(run, "startup", None):
+                runs.warn_if_not_exact(cfg, restored)
+            elif info.is_main and run.startup is not None:
                 runs.write_startup(run_dir, run.startup)
             status, last = run.train(stop)
             path = run.save() if status == "interrupted" else checkpoint_path(run_dir, run.state.step)
         return DistillResult(run_dir, run.state.step, status, time.perf_counter() - start, last, path,
-                             is_main=info.is_main, exit_code=stop.exit_code, signal=stop.name)
+                             is_main=info.is_main, exit_code=stop.exit_code, signal=stop.name,
+                             teacher_forwards=run.teacher_forwards() * info.world_size)
     finally:
         if opened is not None:
             opened.lock.release()

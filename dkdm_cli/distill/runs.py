@@ -205,11 +205,12 @@ def announce(obs, cfg: Config, info, teacher, student, count_parameters) -> None
     )
 
 
-def warn_if_pool_reset(obs, cfg: Config, restored: bool) -> None:
-    """The resume is not exact when the pool was not in the checkpoint."""
-    if not restored and cfg.distill.mode != "basic":
-        _console.warn("the checkpoint holds no state pool (save_pool = false or multi-process): "
-                      "the pool was re-initialised, so this resume is not bit-exact")
+def warn_if_not_exact(cfg: Config, restored: bool) -> None:
+    """The resume is not exact when the batch source was not in the checkpoint."""
+    if not restored:
+        what = "state pool" if cfg.distill.mode.uses_pool else "teacher samples"
+        _console.warn(f"the checkpoint holds no {what} (save_pool = false or multi-process), so "
+                      "they were rebuilt: this resume is not bit-exact")
 
 
 def write_startup(run_dir: Path, startup: dict[str, Any]) -> None:

@@ -24,12 +24,9 @@ class TrainState:
     ema: EMA
     opt: torch.optim.Optimizer
     step: int = 0
-    pool: StatePool | None = None  # dkdm modes
-    synthetic: torch.Tensor | None = None  # synthetic mode: (M, C, H, W) teacher samples
-    data_gen: torch.Generator | None = None  # synthetic mode's batch/noise stream
 
-    def to_tensors(self, *, save_pool: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(tensors, doc fields) for a checkpoint."""
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, doc fields) for a checkpoint (the batch source adds its own tensors)."""
         tensors = {f"student/{k}": v for k, v in self.student.state_dict().items()}
         tensors.update({f"ema/{k}": v for k, v in self.ema.shadow.state_dict().items()})
         opt_tensors, groups = optimizer_tensors(self.opt)
@@ -38,14 +35,6 @@ class TrainState:
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng/cuda{i}"] = s
-        if self.pool is not None:
-            tensors["rng/pool"] = self.pool.generator.get_state()
-            if save_pool:
-                tensors["pool/x"], tensors["pool/t"] = self.pool.x, self.pool.t
-        if self.data_gen is not None:
-            tensors["rng/data"] = self.data_gen.get_state()
-            if save_pool and self.synthetic is not None:
-                tensors["synthetic/x"] = self.synthetic
         doc = {"step": self.step, "optim_param_groups": groups,
                "ema_num_updates": self.ema.num_updates}
         return tensors, doc
@@ -63,11 +52,6 @@ class TrainState:
             states = [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
             if states:
                 torch.cuda.set_rng_state_all(states)
-
-
-def generator_for(device: torch.device, seed: int) -> torch.Generator:
-    """A seeded generator on `device`."""
-    return torch.Generator(device=device).manual_seed(seed)
 
 
 def student_settings(teacher_settings):
