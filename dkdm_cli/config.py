@@ -76,8 +76,10 @@ class Mode(Choice):
 class Init(Choice):
     """How the pool's states reach their shuffled start steps."""
 
-    EXACT = ("exact", "the teacher's ancestral chain, ~N*T/2 teacher steps")
-    FAST = ("fast", "at most init_steps DDIM jumps per state")
+    CHAINS = ("chains", "exact marginals: N/K ancestral chains each giving K states, "
+              "~2*N*T/K teacher steps")
+    EXACT = ("exact", "one ancestral chain per state, ~N*T/2 teacher steps")
+    FAST = ("fast", "at most init_steps DDIM jumps per state; biased, kept for comparison")
 
 
 class Precision(Choice):
@@ -127,8 +129,9 @@ class DistillConfig:
     batch_size: int = opt(64, "states per iteration, b", min=1, max=MAX_BATCH)
     rho: float = opt(0.1, "pool size factor: N = ceil(rho * T * b) in dynamic mode (paper: 0.4)",
                      gt=0)
-    init: Init = opt(Init.FAST, f"pool start-up: {Init.described()}")
-    init_steps: int = opt(8, "fast init: at most this many teacher steps per state", min=1)
+    init: Init = opt(Init.CHAINS, f"pool start-up: {Init.described()}")
+    init_chain_states: int = opt(25, "chains start-up: pool states K taken from each chain", min=1)
+    init_steps: int = opt(8, "fast start-up: at most this many teacher steps per state", min=1)
     init_batch_size: int = opt(256, "teacher batch size during pool start-up", min=1)
     vlb_lambda: float = opt(0.001, "lambda of L_vlb* (weight of the per-t KL = lambda * T)", min=0)
     lr: float = opt(4e-4, "AdamW learning rate, constant after warm-up (paper: 1e-4)", gt=0)

@@ -6,6 +6,7 @@ learned-range variance, T = 1000, cosine schedule, trained with L_hybrid = L_sim
 and an EMA. Seeded and reproducible on the same machine and torch build.
 
     python scripts/train_digits_teacher.py --out dkdm_cli/teachers/weights/digits.safetensors
+    python scripts/train_digits_teacher.py --arch dit-t/2 --out digits-dit.safetensors  # a DiT teacher
 """
 
 from __future__ import annotations
@@ -37,33 +38,29 @@ def load_digits_images() -> torch.Tensor:
     return load_real_digits()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=10000)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--ema", type=float, default=0.999)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--log-every", type=int, default=250)
-    ap.add_argument("--out", type=Path, default=Path("dkdm_cli/teachers/weights/digits.safetensors"))
-    args = ap.parse_args()
-
-    torch.manual_seed(args.seed)
+def train_teacher(*, out: Path, arch: str = "unet-t", model_kwargs: dict | None = None,
+                  iterations: int = 10000, batch_size: int = 64, lr: float = 2e-4,
+                  ema_rate: float = 0.999, seed: int = 0, log_every: int = 250,
+                  name: str = "digits", log=print) -> Path:
+    """Train a digits teacher of any registered architecture and save it as a dkdm model file
+    (EMA weights) at `out`, with its training log beside it (`<out>.log.json`)."""
+    torch.manual_seed(seed)
     data = load_digits_images()
     settings = DiffusionSettings(schedule="cosine", num_timesteps=1000, prediction="epsilon",
                                  variance="learned_range", clip_denoised=True)
     diffusion = settings.build()
-    model = create_model("unet-t", image_size=IMAGE_SIZE, in_channels=1, learn_sigma=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    ema = EMA(model, rate=args.ema)
-    gen = torch.Generator().manual_seed(args.seed)
+    model = create_model(arch, image_size=IMAGE_SIZE, in_channels=1, learn_sigma=True,
+                         **(model_kwargs or {}))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    ema = EMA(model, rate=ema_rate)
+    gen = torch.Generator().manual_seed(seed)
     history = []
     start = time.time()
     window: list[tuple[float, float, float]] = []
-    for it in range(1, args.iterations + 1):
-        idx = torch.randint(0, len(data), (args.batch_size,), generator=gen)
+    for it in range(1, iterations + 1):
+        idx = torch.randint(0, len(data), (batch_size,), generator=gen)
         x0 = data[idx]  # (B, 1, 16, 16)
-        t = torch.randint(0, diffusion.num_timesteps, (args.batch_size,), generator=gen)
+        t = torch.randint(0, diffusion.num_timesteps, (batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         x_t = diffusion.q_sample(x0, t, noise)
         terms = hybrid_loss(diffusion, model_out=model(x_t, t), x0=x0, x_t=x_t, t=t, noise=noise)
@@ -73,29 +70,49 @@ def main() -> None:
         opt.step()
         ema.update(model)
         window.append((terms.loss.item(), terms.mse.mean().item(), terms.kl.mean().item()))
-        if it % args.log_every == 0 or it == args.iterations:
+        if it % log_every == 0 or it == iterations:
             loss, mse, vb = (sum(v) / len(window) for v in zip(*window, strict=True))
             window = []
             rec = {"iteration": it, "loss": loss, "mse": mse, "vb_bits": vb,
                    "seconds": round(time.time() - start, 1)}
             history.append(rec)
-            print(json.dumps(rec), flush=True)
+            log(json.dumps(rec))
     seconds = time.time() - start
     ema.shadow.spec = model.spec
     meta = {
         "diffusion": settings.to_dict(),
         "teacher": {
-            "name": "digits",
+            "name": name, "architecture": arch,
             "data": "scikit-learn load_digits: 1797 8x8 images, 0..16 -> [-1,1], bilinear to 16x16",
-            "iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr,
-            "ema": args.ema, "seed": args.seed, "train_seconds": round(seconds, 1),
+            "iterations": iterations, "batch_size": batch_size, "lr": lr,
+            "ema": ema_rate, "seed": seed, "train_seconds": round(seconds, 1),
             "parameters": count_parameters(model), "final": history[-1],
             "torch": torch.__version__, "threads": torch.get_num_threads(),
         },
     }
-    save_model(ema.shadow, args.out, extra=meta)
-    args.out.with_suffix(".log.json").write_text(json.dumps(history, indent=1))
-    print(f"saved {args.out} ({count_parameters(model)} params, {seconds / 60:.1f} min)")
+    save_model(ema.shadow, out, extra=meta)
+    Path(out).with_suffix(".log.json").write_text(json.dumps(history, indent=1))
+    log(f"saved {out} ({count_parameters(model)} params, {seconds / 60:.1f} min)")
+    return Path(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="unet-t", help="any registered model, e.g. dit-t/2")
+    ap.add_argument("--model-kwargs", type=json.loads, default={},
+                    help='JSON overrides of the preset, e.g. \'{"hidden_size": 96}\'')
+    ap.add_argument("--iterations", type=int, default=10000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=250)
+    ap.add_argument("--name", default="digits")
+    ap.add_argument("--out", type=Path, default=Path("dkdm_cli/teachers/weights/digits.safetensors"))
+    args = ap.parse_args()
+    train_teacher(out=args.out, arch=args.arch, model_kwargs=args.model_kwargs,
+                  iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+                  ema_rate=args.ema, seed=args.seed, log_every=args.log_every, name=args.name)
 
 
 if __name__ == "__main__":

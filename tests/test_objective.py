@@ -160,3 +160,49 @@ def test_precomputed_teacher_step_gives_the_same_loss():
     b = dkdm_loss(diffusion, teacher_out=teacher, student_out=student, x_t=x, t=t, teacher_step=step)
     assert torch.equal(a.loss, b.loss) and torch.equal(a.per_sample, b.per_sample)
     assert torch.allclose(a.loss, a.per_sample.mean())
+
+
+@pytest.mark.parametrize("prediction", list(Prediction))
+def test_hybrid_loss_fits_the_teachers_prediction_type(prediction):
+    from dkdm_cli.distill.objective import hybrid_loss
+
+    betas = np.linspace(0.1, 0.4, 4)
+    diffusion = GaussianDiffusion(betas, prediction=prediction, variance=VarianceType.FIXED_SMALL)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(5, 1, 2, 2, generator=gen), torch.randn(5, 1, 2, 2, generator=gen)
+    t = torch.tensor([0, 1, 2, 3, 1])
+    x_t = diffusion.q_sample(x0, t, noise)
+    abar = torch.as_tensor(np.cumprod(1 - betas), dtype=torch.float32)[t].view(-1, 1, 1, 1)
+    right = {Prediction.EPSILON: noise, Prediction.SAMPLE: x0,
+             Prediction.V: abar.sqrt() * noise - (1 - abar).sqrt() * x0}[prediction]
+    exact = hybrid_loss(diffusion, model_out=right, x0=x0, x_t=x_t, t=t, noise=noise)
+    assert exact.loss.item() < 1e-10
+    # The model's output is consistent: its implied eps is the noise, its x_0 the data.
+    eps, x0_hat = diffusion.eps_and_x0(right, x_t=x_t, t=t)
+    assert torch.allclose(eps, noise, atol=1e-5) and torch.allclose(x0_hat, x0, atol=1e-5)
+    if prediction is not Prediction.EPSILON:  # fitting eps would now be wrong
+        wrong = hybrid_loss(diffusion, model_out=noise, x0=x0, x_t=x_t, t=t, noise=noise)
+        assert wrong.loss.item() > 0.01
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_synthetic_baseline_trains_v_and_x0_teachers(prediction, tmp_path):
+    from conftest import make_tiny_teacher_file, tiny_distill_args
+
+    from dkdm_cli.checkpoint import list_checkpoints, read_checkpoint
+    from dkdm_cli.cli import run
+    from dkdm_cli.diffusion.settings import DiffusionSettings
+    from dkdm_cli.models.io import read_model_doc, save_model
+    from dkdm_cli.teachers.spec import resolve_teacher
+
+    base = make_tiny_teacher_file(tmp_path / "eps.safetensors", learn_sigma=False)
+    teacher = resolve_teacher(str(base))
+    settings = DiffusionSettings.from_dict(read_model_doc(base)["diffusion"] | {"prediction": prediction})
+    path = tmp_path / f"{prediction}.safetensors"
+    save_model(teacher.model, path, extra={"diffusion": settings.to_dict()})
+    rd = tmp_path / "run"
+    extra = ["--mode", "synthetic", "--set", "distill.synthetic_samples=8",
+             "--set", "distill.synthetic_steps=4"]
+    assert run(tiny_distill_args(path, rd, iterations=3, extra=extra)) == 0
+    ckpt = read_checkpoint(list_checkpoints(rd)[-1])
+    assert ckpt.doc["diffusion"]["prediction"] == prediction

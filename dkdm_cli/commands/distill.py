@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -67,5 +68,17 @@ def distill(
         if result.status == "interrupted":
             _console.info(f"stopped by {result.signal or 'a signal'}; saved {result.checkpoint}. "
                           "Run the same command again to resume")
+        else:
+            _console.out.print(next_steps(result.run_dir), highlight=False)
     if result.status == "interrupted":
         raise typer.Exit(result.exit_code or 130)
+
+
+def next_steps(run_dir: Path) -> str:
+    """What was made and the commands to run next, with the run directory filled in."""
+    rd = shlex.quote(str(run_dir))
+    return (f"made: {run_dir}/checkpoints (student, EMA weights), metrics.jsonl, grids/\n"
+            "next:\n"
+            f"  dkdm sample --model {rd} --num 64 --grid samples.png --compare-teacher vs-teacher.png\n"
+            f"  dkdm eval {rd} --fid --num 1000        # FID against the teacher's own samples\n"
+            f"  dkdm export --run-dir {rd} --out student.safetensors   # or student.onnx")

@@ -23,7 +23,9 @@ import torch
 
 from dkdm_cli.diffusion.gaussian import (
     GaussianDiffusion,
+    Prediction,
     ReverseStep,
+    _extract,
     discretized_gaussian_log_likelihood,
     mean_flat,
     normal_kl,
@@ -80,6 +82,19 @@ def dkdm_loss(
     return LossTerms(loss=per_sample.mean(), per_sample=per_sample, mse=mse, kl=kl)
 
 
+def prediction_target(diffusion: GaussianDiffusion, *, x0: torch.Tensor, t: torch.Tensor,
+                      noise: torch.Tensor) -> torch.Tensor:
+    """What a model of this prediction type should output at x_t = q_sample(x0, t, noise):
+    eps, x_0, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0. (B, C, H, W)"""
+    if diffusion.prediction is Prediction.EPSILON:
+        return noise
+    if diffusion.prediction is Prediction.SAMPLE:
+        return x0
+    a = _extract(diffusion.sqrt_alphas_cumprod, t, x0)
+    s = _extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x0)
+    return a * noise - s * x0
+
+
 def hybrid_loss(
     diffusion: GaussianDiffusion,
     *,
@@ -90,14 +105,16 @@ def hybrid_loss(
     noise: torch.Tensor,
     lam: float = 0.001,
 ) -> LossTerms:
-    """improved-diffusion's L_hybrid = L_simple + lambda * L_vlb on data x0 (B, C, H, W)."""
+    """improved-diffusion's L_hybrid = L_simple + lambda * L_vlb on data x0 (B, C, H, W). The
+    first C channels are fitted to what the process's prediction type says (eps, x_0 or v)."""
     c = x0.shape[1]
     model_out = model_out.float()
-    eps = model_out[:, :c]
-    mse = mean_flat((noise - eps) ** 2)  # (B,)
+    pred = model_out[:, :c]
+    target = prediction_target(diffusion, x0=x0, t=t, noise=noise)
+    mse = mean_flat((target - pred) ** 2)  # (B,)
     if model_out.shape[1] != 2 * c:
         return LossTerms(loss=mse.mean(), per_sample=mse, mse=mse, kl=None)
-    frozen = torch.cat([eps.detach(), model_out[:, c:]], dim=1)
+    frozen = torch.cat([pred.detach(), model_out[:, c:]], dim=1)
     p = diffusion.p_mean_variance(frozen, x_t=x_t, t=t, clip_denoised=False)
     true_mean, _, true_log_var = diffusion.q_posterior(x0=x0, x_t=x_t, t=t)
     kl = mean_flat(normal_kl(true_mean, true_log_var, p.mean, p.log_variance)) / math.log(2.0)

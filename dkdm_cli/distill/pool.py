@@ -5,11 +5,18 @@ uniformly, the teacher takes ONE reverse step on those states (the same forward 
 target), the student trains on them, and the new states are written back; a state that steps
 past t = 0 restarts from fresh N(0, I) noise at t = T-1.
 
-Start-up ("shuffle denoise") gives every state a start step t_i uniform over 0..T-1:
-- exact: run the teacher's ancestral chain from T-1 down to t_i (sum_i (T-1-t_i) ~ N*T/2
-  teacher sample-steps; the paper's and reference code's method);
-- fast: a DDIM (eta = 0) chain from T-1 to t_i in at most k jumps (<= N*k sample-steps).
-  A state becomes exact once it has passed through t = 0.
+Start-up ("shuffle denoise") gives every state a start step t_i uniform over 0..T-1, and must
+put x at t_i on the marginal of the teacher's own chain there, q_T(x_t):
+- exact: one ancestral chain per state, from T-1 down to t_i (sum_i (T-1-t_i) ~ N*T/2 teacher
+  sample-steps; the paper's and reference code's method);
+- chains (default): ceil(N/K) ancestral chains, each handing K states to the pool on its way
+  down. Every state is a draw of the exact chain at its step, so the marginals are exact; states
+  of one chain are correlated with each other (K of N, at start steps spread over 0..T-1, so a
+  batch of b rarely holds two). Cost ~ (N/K)*T*(1 - 1/(2K)), K/2 times cheaper than exact;
+- fast: a DDIM (eta = 0) chain from T-1 to t_i in at most k jumps (<= N*k sample-steps). Biased:
+  few deterministic jumps land short of the marginal's spread (its variance falls short the more
+  the lower t is; docs/benchmarks.md), and the bias stays: a state moves one step every
+  N/b iterations, so most never reach t = 0 in a run and restart.
 """
 
 from __future__ import annotations
@@ -134,19 +141,78 @@ def _fast_chunk(teacher_fn, diffusion, pool: StatePool, idx: torch.Tensor, k: in
     pool.x[idx] = x
 
 
+def chain_assignment(t: torch.Tensor, per_chain: int) -> torch.Tensor:
+    """The chain of each state (N,) for the `chains` start-up: states sorted by start step are
+    dealt round-robin to ceil(N/K) chains, so each chain's K start steps spread over 0..T-1 and
+    two states share a chain (and so could be equal) only if more than N/K share a step."""
+    n = len(t)
+    chains = max(1, math.ceil(n / per_chain))
+    order = torch.argsort(t, stable=True)
+    out = torch.empty_like(t)
+    out[order] = torch.arange(n, device=t.device) % chains
+    return out
+
+
+def chains_cost(t: torch.Tensor, chain: torch.Tensor, num_timesteps: int) -> int:
+    """Teacher sample-steps of the `chains` start-up: each chain runs to its lowest start step."""
+    lowest = torch.full((int(chain.max()) + 1,), num_timesteps - 1, dtype=t.dtype, device=t.device)
+    lowest = lowest.scatter_reduce(0, chain, t, reduce="amin")
+    return int((num_timesteps - 1 - lowest).sum())
+
+
+def _chains(teacher_fn, diffusion, pool: StatePool, chain: torch.Tensor, first: int, last: int,
+            clip: bool, tick) -> None:
+    """Run chains first..last-1 from T-1 downwards, copying each into its states on the way."""
+    members = ((chain >= first) & (chain < last)).nonzero().squeeze(1)  # pool indices
+    local = chain[members] - first  # (n,) chain of each member, 0..last-first-1
+    target = pool.t[members]  # (n,)
+    lowest = torch.full((last - first,), diffusion.num_timesteps - 1, dtype=target.dtype,
+                        device=target.device).scatter_reduce(0, local, target, reduce="amin")
+    x = pool.randn((last - first, *pool.x.shape[1:]))  # (M, C, H, W) each chain's x_{T-1}
+    cur = diffusion.num_timesteps - 1
+    while True:
+        hit = target == cur
+        pool.x[members[hit]] = x[local[hit]]
+        active = (lowest < cur).nonzero().squeeze(1)  # chains with states further down
+        if len(active) == 0:
+            break
+        xa = x[active]
+        t = torch.full((len(active),), cur, device=x.device, dtype=torch.long)
+        x[active] = teacher_step(teacher_fn, diffusion, x=xa, t=t, noise=pool.randn(xa.shape),
+                                 clip_denoised=clip).x_next
+        pool.teacher_sample_steps += len(active)
+        tick(len(active))
+        cur -= 1
+
+
 def init_pool(
     *, size: int, shape: tuple[int, int, int], diffusion: GaussianDiffusion, teacher_fn: TeacherFn,
     mode: str, init: str, init_steps: int, chunk: int, clip_denoised: bool, device: torch.device,
     generator: torch.Generator, tick: Callable[[int], None] = lambda n: None,
+    chain_states: int = 25, on_total: Callable[[int], None] = lambda n: None,
 ) -> StatePool:
-    """A pool of `size` states: all at T-1 (basic) or shuffled to uniform start steps."""
+    """A pool of `size` states: all at T-1 (basic) or shuffled to uniform start steps and
+    brought there by the `init` start-up. `on_total` is told the exact teacher sample-steps the
+    start-up will take before it starts (for a progress bar); `chunk` bounds the states (or
+    chains) stepped together."""
     T = diffusion.num_timesteps
     x = torch.randn((size, *shape), generator=generator, device=device)  # (N, C, H, W)
     t = torch.full((size,), T - 1, dtype=torch.long, device=device)
     pool = StatePool(x, t, num_timesteps=T, generator=generator)
     if mode == "basic":
+        on_total(0)
         return pool
     pool.t = torch.randint(0, T, (size,), generator=generator, device=device)
+    if init == "chains":
+        chain = chain_assignment(pool.t, chain_states)
+        on_total(chains_cost(pool.t, chain, T))
+        count = int(chain.max()) + 1
+        for first in range(0, count, chunk):
+            _chains(teacher_fn, diffusion, pool, chain, first, min(count, first + chunk),
+                    clip_denoised, tick)
+        return pool
+    steps = (T - 1 - pool.t) if init == "exact" else (T - 1 - pool.t).clamp(max=init_steps)
+    on_total(int(steps.sum()))
     for start in range(0, size, chunk):
         idx = torch.arange(start, min(size, start + chunk), device=device)
         if init == "exact":
@@ -156,10 +222,17 @@ def init_pool(
     return pool
 
 
-def expected_init_steps(*, size: int, num_timesteps: int, init: str, init_steps: int, mode: str) -> int:
-    """Approximate teacher sample-steps the start-up will take (for the progress bar)."""
+def mean_init_steps(*, size: int, num_timesteps: int, init: str, init_steps: int, mode: str,
+                    chain_states: int = 25) -> float:
+    """The expected teacher sample-steps of a start-up (start steps uniform over 0..T-1), for
+    planning before the start steps are drawn (e.g. the compute-matched synthetic baseline)."""
+    T = num_timesteps
     if mode == "basic":
-        return 0
+        return 0.0
     if init == "exact":
-        return size * (num_timesteps - 1) // 2
-    return size * min(init_steps, num_timesteps - 1)
+        return size * (T - 1) / 2
+    if init == "chains":
+        chains = max(1, math.ceil(size / chain_states))
+        # chain j's lowest start step is about the j-th smallest of N uniform draws
+        return sum(T - 1 - (j + 0.5) * T / size for j in range(min(chains, size)))
+    return size * sum(min(init_steps, T - 1 - t) for t in range(T)) / T
