@@ -21,8 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dkdm_cli.errors import TeacherError
-from dkdm_cli.teachers.base import Teacher
+from dkdm_cli.teachers.base import Denoiser, Teacher
 
 
 def load_teacher(spec: str, *, device: str = "cpu", arch: str = "", **arch_kwargs: Any) -> Teacher:
@@ -41,18 +40,9 @@ def load_teacher(spec: str, *, device: str = "cpu", arch: str = "", **arch_kwarg
 def load_student(path: str | Path, *, device: str = "cpu", ema: bool = True) -> Teacher:
     """Load a distilled student, from a run directory (its latest checkpoint; EMA weights unless
     `ema=False`) or an exported model file, as a Teacher with the same methods."""
-    from dkdm_cli.teachers.native import load_model_file_teacher, load_run_teacher
-    from dkdm_cli.teachers.spec import classify
+    from dkdm_cli.teachers.spec import load_model
 
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise TeacherError(f"{path}: no such run directory or model file")
-    kind = classify(str(path))
-    if kind == "run_dir":
-        return load_run_teacher(path, ema=ema, device=device)
-    if kind == "model_file":
-        return load_model_file_teacher(path, device=device)
-    raise TeacherError(f"{path}: not a dkdm run directory or exported model file (.safetensors)")
+    return load_model(str(path), ema=ema, device=device, students_only=True)
 
 
-__all__ = ["Teacher", "load_student", "load_teacher"]
+__all__ = ["Denoiser", "Teacher", "load_student", "load_teacher"]

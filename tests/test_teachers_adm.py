@@ -232,7 +232,7 @@ def test_adm_strict_loading_names_the_problem(tmp_path):
         load({**sd, "out.2.weight": torch.zeros(3, 32, 3, 3)})
     with pytest.raises(ModelFileError, match="class-conditional"):
         load({**sd, "label_emb.weight": torch.zeros(1000, 128)})
-    with pytest.raises(ModelFileError, match="not a loadable tensor state dict"):
+    with pytest.raises(ModelFileError, match="not a plain state dict"):
         torch.save(torch.nn.Linear(2, 2), tmp_path / "bad.pt")  # a pickled module, not a state dict
         resolve_teacher(str(tmp_path / "bad.pt"), arch="improved-diffusion", arch_kwargs=ECO_ADM_FLAGS)
 

@@ -91,15 +91,6 @@ def test_bare_unet_folder_with_root_scheduler_config(tmp_path):
     assert teacher.settings.variance == "fixed_small" and teacher.settings.num_timesteps == 100
 
 
-def test_pickle_only_weights_are_refused(tmp_path):
-    from diffusers import DDPMScheduler
-
-    eco_tiny_unet2d(out_channels=3).save_pretrained(str(tmp_path / "m" / "unet"), safe_serialization=False)
-    DDPMScheduler(num_train_timesteps=100).save_pretrained(str(tmp_path / "m" / "scheduler"))
-    with pytest.raises(TeacherError, match="only pickled weights.*safetensors"):
-        resolve_teacher(str(tmp_path / "m"))
-
-
 def test_missing_scheduler_is_a_clear_error(tmp_path):
     eco_tiny_unet2d(out_channels=3).save_pretrained(str(tmp_path / "m" / "unet"))
     with pytest.raises(TeacherError, match="no scheduler config"):

@@ -55,7 +55,8 @@ def teachers(json_out: JsonOpt = False) -> None:
     entries = [TEACHERS.create(n) for n in TEACHERS.names()]
     rows = [{"name": e.name, "source": e.source, "description": e.description,
              "image_size": e.image_size, "channels": e.channels, "parameters": e.parameters,
-             "latent": e.latent, "cached": bool(e.is_cached())} for e in entries]
+             "latent": e.latent, "decode_scale": e.decode_scale, "weights": e.weights or None,
+             "cached": bool(e.is_cached())} for e in entries]
     if json_out:
         _console.print_json({"teachers": rows})
         return
@@ -64,6 +65,7 @@ def teachers(json_out: JsonOpt = False) -> None:
         table.add_column(col)
     for r in rows:
         params = f"{r['parameters'] / 1e6:.1f}" if r["parameters"] else "?"
-        res = f"{r['image_size']}x{r['image_size']}x{r['channels']}" + (" latent" if r["latent"] else "")
+        res = f"{r['image_size']}x{r['image_size']}x{r['channels']}" + (
+            f" latent (decode scale {r['decode_scale']:g})" if r["latent"] else "")
         table.add_row(r["name"], res, params, "yes" if r["cached"] else "no", r["source"])
     _console.out.print(table)

@@ -58,15 +58,12 @@ def load_source(teacher: str | None, model: str | None, *, ema: bool, device: st
         from dkdm_cli.api import load_teacher
 
         return load_teacher(teacher, device=device)
-    from dkdm_cli.api import load_student
-    from dkdm_cli.teachers.spec import classify
+    from dkdm_cli.teachers.spec import load_model
 
-    if not Path(model).expanduser().exists():
-        raise UserError(f"--model {model}: no such run directory or model file")
-    if not ema and classify(str(Path(model).expanduser())) != "run_dir":
+    if not ema and not (Path(model).expanduser() / "checkpoints").is_dir():
         raise UserError("--no-ema applies to run directories; an exported model holds one set "
                         "of weights (choose at export time with dkdm export --no-ema)")
-    return load_student(model, ema=ema, device=device)
+    return load_model(model, ema=ema, device=device, students_only=True)
 
 
 def check_outputs(*, out: Path | None, files: dict[str, Path | None]) -> None:

@@ -203,6 +203,12 @@ def announce(obs, cfg: Config, info, teacher, student, count_parameters) -> None
         f"mode {d.mode}, effective batch {d.batch_size * info.world_size} "
         f"({info.world_size} process(es) x {d.batch_size}), lr {d.lr:g}, {d.iterations} iterations"
     )
+    ae = teacher.autoencoder
+    if ae is not None:
+        why = getattr(ae, "scale_source", "")
+        obs.message(f"latent teacher: samples decode as latents / {ae.scaling_factor:g}"
+                    + (f" ({why})" if why else "") + "; x0 is "
+                    + ("clipped to [-1, 1]" if teacher.settings.clip_denoised else "not clipped"))
 
 
 def warn_if_not_exact(cfg: Config, restored: bool) -> None:

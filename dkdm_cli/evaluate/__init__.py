@@ -102,18 +102,6 @@ def requested_metrics(flags: Iterable[str], bounds: Iterable[Bound]) -> set[str]
 
 # -- the samples -----------------------------------------------------------------------------
 
-def _load_model(spec: str, *, ema: bool, device: str):
-    from dkdm_cli.api import load_student, load_teacher
-    from dkdm_cli.teachers.spec import classify
-
-    path = Path(spec).expanduser()
-    if path.exists() and classify(str(path)) in ("run_dir", "model_file"):
-        return load_student(path, ema=ema, device=device)
-    if not ema:
-        raise UserError("--no-ema applies to a run directory")
-    return load_teacher(spec, device=device)
-
-
 def is_image_folder(path: Path) -> bool:
     """A folder to read images from, rather than a run directory or diffusers model."""
     from dkdm_cli.teachers.spec import classify
@@ -157,7 +145,9 @@ def open_samples(spec: str, *, cfg: EvalConfig, ema: bool, device, progress: Pro
         return images, None
     if path.is_dir() and is_image_folder(path):
         return folder_images(path), None
-    model = _load_model(spec, ema=ema, device=str(device))
+    from dkdm_cli.teachers.spec import load_model
+
+    model = load_model(spec, ema=ema, device=str(device))
     images = _generate(model, cfg=cfg, seed=cfg.seed, num=cfg.num, device=device,
                        progress=progress, label="sampling")
     info = {"generated": True, "sampler": cfg.sampler, "steps": cfg.steps, "eta": 0.0,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle  # only for its exception type: nothing is unpickled unsafely
 import socket
 import threading
 import warnings
@@ -35,8 +34,9 @@ from unittest import mock
 import numpy as np
 import torch
 
-from dkdm_cli import _fs
+from dkdm_cli import _fs, _offline
 from dkdm_cli.errors import ModelFileError, OfflineError, UserError
+from dkdm_cli.tensorfile import read_tensor_dict
 
 EXTRACTOR = "inception-v3-compat"
 ENV_WEIGHTS = "DKDM_INCEPTION_WEIGHTS"
@@ -75,11 +75,10 @@ class InceptionWeights:
 
 
 def is_offline(host: str = "github.com", port: int = 443, timeout: float = OFFLINE_PROBE_S) -> bool:
-    """True when DKDM_OFFLINE / HF_HUB_OFFLINE is set or `host` does not answer within `timeout`
-    seconds (DNS included: the probe runs in a daemon thread, so it never hangs the caller)."""
-    for var in ("DKDM_OFFLINE", "HF_HUB_OFFLINE"):
-        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
-            return True
+    """True when the user asked for offline (dkdm_cli._offline) or `host` does not answer within
+    `timeout` seconds (DNS included: the probe runs in a daemon thread, so it never hangs)."""
+    if _offline.is_offline():
+        return True
     ok: list[bool] = []
 
     def probe() -> None:
@@ -160,18 +159,7 @@ def _download(path: Path, *, quiet: bool) -> None:
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     """The weights as a state dict, read without unpickling arbitrary objects (memory-mapped
     when the file is in torch's zip format, which makes loading ~3x faster)."""
-    errors = (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError)
-    try:
-        try:
-            state = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # a legacy (pre-zip) file cannot be memory-mapped
-            state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except errors as exc:
-        raise ModelFileError(f"{path}: not a readable Inception weights file ({exc})") from exc
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ModelFileError(f"{path}: expected a state dict of tensors (torch-fidelity's "
-                             "Inception weights)")
-    return state
+    return read_tensor_dict(Path(path), what="Inception weights file")
 
 
 @contextmanager

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import pickle
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -31,6 +30,7 @@ from dkdm_cli.errors import ModelFileError, TeacherError
 from dkdm_cli.models._blocks import AttentionBlock
 from dkdm_cli.models.unet import UNet
 from dkdm_cli.teachers.base import Teacher
+from dkdm_cli.tensorfile import read_tensor_dict
 
 
 @dataclass(frozen=True)
@@ -293,21 +293,7 @@ def check_adm_keys(state: dict[str, torch.Tensor], model: torch.nn.Module, *, so
 
 def read_adm_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A plain state dict from an ADM .pt file, without arbitrary unpickling."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise ModelFileError(
-            f"{path}: not a loadable tensor state dict (read with weights_only=True): {exc}"
-        ) from exc
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(
-        isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()
-    ):
-        raise ModelFileError(f"{path}: expected a state dict (a mapping of names to tensors)")
+    obj = read_tensor_dict(Path(path), what="state dict")
     if obj and all(k.startswith("module.") for k in obj):  # saved from a DDP wrapper
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj

@@ -28,8 +28,9 @@ class Autoencoder(Protocol):
 
 
 @dataclass
-class Teacher:
-    """A pretrained diffusion model, ready to take reverse steps.
+class Denoiser:
+    """A pretrained diffusion model, ready to take reverse steps: a teacher, or a distilled
+    student loaded for sampling (`Teacher` is the same class, the name the API started with).
 
     `model(x, t_model)` is the raw network; `model_output(x, t)` calls it for process steps t
     (0..T-1), applying the teacher's own timestep convention (e.g. improved-diffusion's
@@ -101,12 +102,15 @@ class Teacher:
         with torch.no_grad():
             return self.autoencoder.decode(x)
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Teacher:
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Denoiser:
         """Move (and optionally cast) the denoiser and autoencoder in place; returns self."""
         self.model.to(device=device, dtype=dtype)
         if isinstance(self.autoencoder, nn.Module):
             self.autoencoder.to(device)
         return self
+
+
+Teacher = Denoiser  # the public API's name (dkdm_cli.api.load_teacher returns one)
 
 
 @dataclass(frozen=True)
@@ -122,3 +126,5 @@ class TeacherEntry:
     load: Callable[..., Teacher]
     is_cached: Callable[[], bool] = lambda: True
     latent: bool = False
+    decode_scale: float | None = None  # latent teachers: latents are divided by this to decode
+    weights: str = ""  # which weight files are read, where it matters (e.g. a pinned revision)

@@ -6,8 +6,16 @@ Layouts understood (the hub's two conventions):
   folder/model_index.json, unet/, scheduler/scheduler_config.json [, vqvae/ | vae/]
   folder/config.json, folder/scheduler_config.json           (a bare UNet2DModel folder)
 
-Weights are read by diffusers' own `from_pretrained` with `use_safetensors=True`: a component that
-only ships pickled `.bin` weights is refused, never unpickled.
+Weights: safetensors where a component has them; otherwise `diffusion_pytorch_model.bin` (as
+many hub repos, the google/ddpm-* and CompVis/ldm-* families among them, ship), after checking
+with `torch.load(weights_only=True)` that it holds nothing but tensors. diffusers' own
+`from_pretrained` then builds the model (it renames the old attention keys of early repos).
+
+Latent pipelines: the decode scale is read from the RAW autoencoder config file, not from the
+config diffusers fills in. A VQModel whose config has no `scaling_factor` (CompVis/ldm-*: the
+VQ-f4 autoencoders were trained unscaled) decodes with scale 1.0; diffusers would fill in 0.18215
+and decode garbage (diffusers issue 6725). An AutoencoderKL keeps diffusers' default where the
+key is absent. Latents are never clipped to [-1, 1] unless the scheduler config says so.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from dkdm_cli import _console
 from dkdm_cli.diffusion.settings import DiffusionSettings
 from dkdm_cli.errors import ModelFileError, TeacherError
 from dkdm_cli.teachers.base import Teacher
+from dkdm_cli.tensorfile import read_tensor_dict
 
 # diffusers' beta_schedule names that are one of our named schedules (same formula).
 SCHEDULE_NAMES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
@@ -64,11 +73,13 @@ class DiffusersAutoencoder(nn.Module):
     encodes to the mean of its posterior (deterministic).
     """
 
-    def __init__(self, vae: nn.Module, *, quantized: bool) -> None:
+    def __init__(self, vae: nn.Module, *, quantized: bool, scaling_factor: float,
+                 scale_source: str = "") -> None:
         super().__init__()
         self.vae = vae
         self.quantized = quantized
-        self.scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+        self.scaling_factor = float(scaling_factor)
+        self.scale_source = scale_source
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -110,44 +121,32 @@ def _scheduler_config(folder: Path) -> dict[str, Any]:
     )
 
 
-def _safetensors_variant(component: Path) -> str | None:
-    """The diffusers `variant` to load (None for the plain file); refuses pickle-only folders."""
+def weights_format(component: Path) -> tuple[bool, str | None]:
+    """(use_safetensors, variant) of a component folder: safetensors preferred (the plain file,
+    else an fp32 or other variant), else `diffusion_pytorch_model.bin`, checked to be a plain
+    tensor dict. Anything else is refused."""
     plain = (f"{_WEIGHT_STEM}.safetensors", f"{_WEIGHT_STEM}.safetensors.index.json")
     if any((component / name).is_file() for name in plain):
-        return None
+        return True, None
     variants = sorted(p.name[len(_WEIGHT_STEM) + 1:-len(".safetensors")]
                       for p in component.glob(f"{_WEIGHT_STEM}.*.safetensors"))
     if variants:
-        return "fp32" if "fp32" in variants else variants[0]
-    pickles = [p.name for p in component.iterdir() if p.suffix in _PICKLE_SUFFIXES]
-    if pickles:
-        raise TeacherError(
-            f"{component}: only pickled weights ({', '.join(sorted(pickles))}); dkdm never unpickles "
-            "downloaded files. Convert them once where you trust the file, e.g. "
-            f"`{_class_name_of(component)}.from_pretrained(path, use_safetensors=False)"
-            ".save_pretrained(path)` in diffusers writes diffusion_pytorch_model.safetensors; on the hub, "
-            "a revision with safetensors may exist (hf:ORG/NAME@refs/pr/N)"
-        )
-    raise TeacherError(
-        f"{component}: no {_WEIGHT_STEM}.safetensors weights. dkdm reads (and downloads) only "
-        "safetensors; for a hub repo whose main branch has only pickled .bin weights, a revision "
-        "with safetensors may exist (hf:ORG/NAME@refs/pr/N)"
-    )
-
-
-def _class_name_of(component: Path) -> str:
-    """The diffusers class a component folder's config names (for messages)."""
-    try:
-        return str(json.loads((component / "config.json").read_text()).get("_class_name", "UNet2DModel"))
-    except (OSError, json.JSONDecodeError):
-        return "UNet2DModel"
+        return True, "fp32" if "fp32" in variants else variants[0]
+    binary = component / f"{_WEIGHT_STEM}.bin"
+    if binary.is_file():
+        read_tensor_dict(binary)  # refuses pickled objects before diffusers reads the file
+        return False, None
+    others = sorted(p.name for p in component.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    found = f" (found {', '.join(others)})" if others else ""
+    raise TeacherError(f"{component}: no {_WEIGHT_STEM}.safetensors or {_WEIGHT_STEM}.bin "
+                       f"weights{found}")
 
 
 def _from_pretrained(cls: type, component: Path) -> nn.Module:
-    """diffusers' own loader, safetensors only, local files only."""
-    variant = _safetensors_variant(component)
+    """diffusers' own loader, local files only, safetensors preferred."""
+    use_safetensors, variant = weights_format(component)
     try:
-        model = cls.from_pretrained(str(component), use_safetensors=True, variant=variant,
+        model = cls.from_pretrained(str(component), use_safetensors=use_safetensors, variant=variant,
                                     local_files_only=True, torch_dtype=torch.float32,
                                     low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
@@ -155,13 +154,15 @@ def _from_pretrained(cls: type, component: Path) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def settings_from_scheduler(config: dict[str, Any], *, learn_sigma_output: bool) -> DiffusionSettings:
+def settings_from_scheduler(config: dict[str, Any], *, learn_sigma_output: bool,
+                            latent: bool = False) -> DiffusionSettings:
     """DiffusionSettings equivalent to a diffusers DDPM/DDIM scheduler config (training process).
 
     beta_schedule linear | scaled_linear | squaredcos_cap_v2 map to our named schedules (same
     formulas); trained_betas, other schedules and zero-terminal-SNR rescaling become explicit betas
     computed by diffusers itself. A scheduler without variance_type (DDIM) means fixed_small, or
-    learned_range when the UNet outputs 2C channels.
+    learned_range when the UNet outputs 2C channels. x_0 is clipped to [-1, 1] as the config's
+    `clip_sample` says; where it is absent, only for pixel-space (`latent=False`) teachers.
     """
     if config.get("_class_name") in UNSUPPORTED_SCHEDULERS:
         raise TeacherError(
@@ -198,7 +199,10 @@ def settings_from_scheduler(config: dict[str, Any], *, learn_sigma_output: bool)
         raise TeacherError(
             f"unsupported variance_type {variance_type!r}; expected one of {', '.join(VARIANCE_TYPES)}"
         )
-    clip = bool(config.get("clip_sample", True))
+    clip = bool(config.get("clip_sample", not latent))
+    if latent and clip:
+        _console.warn("the scheduler config asks to clip x0 to [-1, 1] on a latent teacher "
+                      "(latents are not in [-1, 1]); obeying it as written")
     if config.get("thresholding", False):
         _console.warn("the scheduler uses dynamic thresholding; dkdm clips x0 to [-1, 1] instead")
         clip = True
@@ -234,8 +238,22 @@ def _load_autoencoder(folder: Path) -> DiffusersAutoencoder | None:
         "VQModel" if component.name == "vqvae" else "AutoencoderKL")
     if kind not in classes:
         raise TeacherError(f"{component}: unsupported autoencoder {kind!r} (VQModel or AutoencoderKL)")
+    raw = _read_json(component / "config.json")
     vae = _from_pretrained(classes[kind], component)
-    return DiffusersAutoencoder(vae, quantized=kind == "VQModel").eval()
+    scale, source = decode_scale(raw, kind=kind, filled_in=getattr(vae.config, "scaling_factor", None))
+    return DiffusersAutoencoder(vae, quantized=kind == "VQModel", scaling_factor=scale,
+                                scale_source=source).eval()
+
+
+def decode_scale(raw: dict[str, Any], *, kind: str, filled_in: float | None) -> tuple[float, str]:
+    """(scale, why) of an autoencoder, from its raw config file: the key where present; absent,
+    1.0 for a VQModel (LDM's VQ autoencoders were trained unscaled; diffusers would fill in
+    0.18215) and diffusers' default for an AutoencoderKL."""
+    if raw.get("scaling_factor") is not None:
+        return float(raw["scaling_factor"]), "scaling_factor in the config"
+    if kind == "VQModel":
+        return 1.0, "no scaling_factor in the VQModel config: unscaled latents"
+    return float(filled_in or 0.18215), "no scaling_factor in the config: diffusers' default"
 
 
 def load_diffusers_teacher(
@@ -264,7 +282,9 @@ def load_diffusers_teacher(
     in_ch, out_ch = int(unet.config.in_channels), int(unet.config.out_channels)
     if out_ch not in (in_ch, 2 * in_ch):
         raise TeacherError(f"{unet_dir}: {out_ch} output channels for {in_ch} input channels")
-    settings = settings_from_scheduler(scheduler, learn_sigma_output=out_ch == 2 * in_ch)
+    has_autoencoder = any((folder / n / "config.json").is_file() for n in AUTOENCODER_FOLDERS)
+    settings = settings_from_scheduler(scheduler, learn_sigma_output=out_ch == 2 * in_ch,
+                                       latent=has_autoencoder)
     if settings.learn_sigma and out_ch != 2 * in_ch:
         raise TeacherError(
             f"{folder}: the scheduler's variance_type {settings.variance} needs {2 * in_ch} output "
@@ -276,6 +296,8 @@ def load_diffusers_teacher(
         name=name or folder.name, model=DiffusersUNet(unet), settings=settings,
         sample_shape=(in_ch, size, size), source=source or str(folder), autoencoder=autoencoder,
         info={"format": "diffusers", "scheduler": scheduler.get("_class_name"),
-              "autoencoder": type(autoencoder.vae).__name__ if autoencoder else None},
+              "autoencoder": type(autoencoder.vae).__name__ if autoencoder else None,
+              "decode_scale": autoencoder.scaling_factor if autoencoder else None,
+              "decode_scale_source": autoencoder.scale_source if autoencoder else None},
     )
     return teacher.to(device)

@@ -2,7 +2,8 @@
 own cache with huggingface_hub (its progress bar), then read by the diffusers-folder loader.
 
 Offline behaviour, in order:
-  * HF_HUB_OFFLINE=1 (read at call time): the cache only, no network call at all;
+  * offline (DKDM_OFFLINE or HF_HUB_OFFLINE set, see dkdm_cli/_offline.py): the cache only, no
+    network call at all;
   * otherwise a quick reachability check (timeout HF_HUB_ETAG_TIMEOUT, 10 s by default) and, on a
     connection error, the cache only;
   * not cached: OfflineError naming the repo, the cache folder and the alternatives.
@@ -14,11 +15,13 @@ import os
 import re
 from pathlib import Path
 
+from dkdm_cli._offline import is_offline, which
 from dkdm_cli.errors import OfflineError, TeacherError
 from dkdm_cli.teachers.base import Teacher
 
-# Only what a diffusers UNet (+ scheduler, + autoencoder) teacher needs: configs and safetensors.
-# Pickled .bin files and other pipeline parts (text encoders, ...) are never downloaded.
+# Only what a diffusers UNet (+ scheduler, + autoencoder) teacher needs: configs and safetensors;
+# a component that has no safetensors then gets its diffusion_pytorch_model.bin (checked to hold
+# only tensors before it is read). Other pipeline parts (text encoders, ...) are never downloaded.
 ALLOW_PATTERNS = [
     "model_index.json", "config.json", "scheduler_config.json", "diffusion_pytorch_model*.safetensors*",
     *(f"{part}/*.json" for part in ("unet", "scheduler", "vqvae", "vae")),
@@ -27,7 +30,6 @@ ALLOW_PATTERNS = [
 IGNORE_PATTERNS = ["*.fp16.*", "*non_ema*"]
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-_TRUE = {"1", "true", "yes", "on"}
 
 
 def parse_repo(spec: str) -> tuple[str, str | None]:
@@ -36,16 +38,6 @@ def parse_repo(spec: str) -> tuple[str, str | None]:
     if not _REPO_RE.match(repo_id) or ".." in repo_id or (at and not revision):
         raise TeacherError(f"hf:{spec}: expected hf:ORG/NAME or hf:ORG/NAME@REVISION")
     return repo_id, revision or None
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE), read now rather than at import time."""
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
-    if env is None:
-        return bool(constants.HF_HUB_OFFLINE)
-    return env.strip().lower() in _TRUE
 
 
 def hub_cache_dir() -> Path:
@@ -103,6 +95,19 @@ def _offline_error(repo_id: str, revision: str | None, reason: str) -> OfflineEr
     )
 
 
+def bin_patterns(folder: Path) -> list[str]:
+    """`diffusion_pytorch_model.bin` of every component (root, unet/, vqvae/, vae/) that has a
+    config but no safetensors weights in the snapshot."""
+    out = []
+    for sub in ("", "unet", "vqvae", "vae"):
+        component = folder / sub if sub else folder
+        if not (component / "config.json").is_file():
+            continue
+        if not any(component.glob("diffusion_pytorch_model*.safetensors")):
+            out.append(f"{sub}/diffusion_pytorch_model.bin" if sub else "diffusion_pytorch_model.bin")
+    return out
+
+
 def download_snapshot(repo_id: str, revision: str | None = None) -> Path:
     """The local snapshot folder of a hub repo, downloading what is missing when online."""
     from huggingface_hub import HfApi, constants, snapshot_download
@@ -116,8 +121,8 @@ def download_snapshot(repo_id: str, revision: str | None = None) -> Path:
     cache = hub_cache_dir()
     kwargs = dict(repo_id=repo_id, revision=revision, cache_dir=str(cache),
                   allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS)
-    local_only = hub_offline()
-    reason = "HF_HUB_OFFLINE is set"
+    local_only = is_offline()
+    reason = f"{which()} is set"
     if not local_only:
         try:  # fail fast: snapshot_download's own metadata call has no timeout
             HfApi().repo_info(repo_id, revision=revision, timeout=float(constants.HF_HUB_ETAG_TIMEOUT))
@@ -134,6 +139,11 @@ def download_snapshot(repo_id: str, revision: str | None = None) -> Path:
     try:
         path = snapshot_download(local_files_only=local_only, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
                                  **kwargs)
+        bins = bin_patterns(Path(path))
+        if bins:  # published with pickled .bin weights only (the google/ddpm-*, CompVis/ldm-* repos)
+            path = snapshot_download(local_files_only=local_only,
+                                     etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
+                                     **(kwargs | {"allow_patterns": bins}))
     except LocalEntryNotFoundError as exc:
         raise _offline_error(repo_id, revision, reason) from exc
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:

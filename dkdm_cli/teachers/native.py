@@ -1,5 +1,6 @@
 """Teachers in dkdm's own formats: a model file (safetensors + JSON metadata) or a run directory
-(yesterday's student is today's teacher)."""
+(yesterday's student is today's teacher). A latent one records its parent teacher in
+`info["autoencoder_from"]`; `spec.load_model` attaches that teacher's autoencoder."""
 
 from __future__ import annotations
 
@@ -19,14 +20,11 @@ def load_model_file_teacher(path: Path, *, name: str | None = None, device: str 
     settings = DiffusionSettings.from_dict(doc["diffusion"])
     kw = doc["model"]["kwargs"]
     shape = (int(kw["in_channels"]), int(kw["image_size"]), int(kw["image_size"]))
-    teacher = Teacher(name=name or Path(path).stem, model=model, settings=settings,
-                      sample_shape=shape, source=str(path), info=doc.get("teacher", {}))
-    parent = doc.get("autoencoder_from")
-    if parent:
-        from dkdm_cli.teachers.spec import resolve_teacher
-
-        teacher.autoencoder = resolve_teacher(parent, device=device).autoencoder
-    return teacher
+    info = dict(doc.get("teacher", {}))
+    if doc.get("autoencoder_from"):
+        info["autoencoder_from"] = doc["autoencoder_from"]
+    return Teacher(name=name or Path(path).stem, model=model, settings=settings,
+                   sample_shape=shape, source=str(path), info=info)
 
 
 def load_run_teacher(run_dir: Path, *, ema: bool = True, device: str = "cpu") -> Teacher:
@@ -37,12 +35,7 @@ def load_run_teacher(run_dir: Path, *, ema: bool = True, device: str = "cpu") ->
     doc = ckpt.doc
     settings = DiffusionSettings.from_dict(doc["diffusion"])
     shape = tuple(int(s) for s in doc["sample_shape"])
-    teacher = Teacher(name=Path(run_dir).name, model=model.to(device), settings=settings,
-                      sample_shape=shape, source=str(run_dir),
-                      info={"step": ckpt.step, "teacher": doc.get("teacher")})
-    parent = doc.get("autoencoder_from")
-    if parent:
-        from dkdm_cli.teachers.spec import resolve_teacher
-
-        teacher.autoencoder = resolve_teacher(parent, device=device).autoencoder
-    return teacher
+    return Teacher(name=Path(run_dir).name, model=model.to(device), settings=settings,
+                   sample_shape=shape, source=str(run_dir),
+                   info={"step": ckpt.step, "teacher": doc.get("teacher"),
+                         "autoencoder_from": doc.get("autoencoder_from")})

@@ -11,7 +11,6 @@ the network.
 from __future__ import annotations
 
 import hashlib
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from functools import partial
 from pathlib import Path
 
 from dkdm_cli import _fs
+from dkdm_cli._offline import is_offline, which
 from dkdm_cli.errors import ModelFileError, OfflineError
 from dkdm_cli.teachers.base import Teacher, TeacherEntry
 from dkdm_cli.teachers.registry import register_teacher
@@ -67,8 +67,8 @@ def download_once(url: str, dest: Path, *, sha256: str | None = None) -> Path:
     if dest.is_file():
         verify_file(dest, sha256)
         return dest
-    if os.environ.get("DKDM_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise OfflineError(f"{dest.name} is not cached and downloads are disabled (offline); "
+    if is_offline():
+        raise OfflineError(f"{dest.name} is not cached and downloads are disabled (offline: {which()}); "
                            f"put the file from {url} at {dest}")
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
@@ -101,7 +101,8 @@ def download_once(url: str, dest: Path, *, sha256: str | None = None) -> Path:
 # -- the registered teachers ------------------------------------------------------------------
 
 def _hub_entry(name: str, repo: str, description: str, *, size: int, channels: int,
-               parameters: int | None, latent: bool = False) -> TeacherEntry:
+               parameters: int | None, latent: bool = False, decode_scale: float | None = None,
+               weights: str = "") -> TeacherEntry:
     from dkdm_cli.teachers.hub import is_hub_cached, load_hub_teacher
 
     def load(device: str = "cpu") -> Teacher:
@@ -109,7 +110,8 @@ def _hub_entry(name: str, repo: str, description: str, *, size: int, channels: i
 
     return TeacherEntry(name=name, source=f"hf:{repo}", description=description, image_size=size,
                         channels=channels, parameters=parameters, load=load,
-                        is_cached=partial(is_hub_cached, repo), latent=latent)
+                        is_cached=partial(is_hub_cached, repo), latent=latent,
+                        decode_scale=decode_scale, weights=weights)
 
 
 def _direct_entry(name: str, url: str, arch: str, description: str, *, size: int,
@@ -132,19 +134,23 @@ def _direct_entry(name: str, url: str, arch: str, description: str, *, size: int
 
 IDDPM_CIFAR10_URL = "https://openaipublic.blob.core.windows.net/diffusion/march-2021/cifar10_uncond_50M_500K.pt"
 
-# Parameter counts: the hub models' are the published ones (DDPM: 35.7M and 114M; LDM-VQ-4
-# CelebA-HQ: 274M), the loaded teacher reports its exact count; the ADM preset's is exact (a test
-# rebuilds it on the meta device).
+# Parameter counts are exact: the hub models' UNets rebuilt on the meta device from their real
+# config files (tests/fixtures/hub; ddpm-celebahq's config was not seen, so its count is the
+# published one); the ADM preset's likewise. No revision is pinned: no safetensors revision of
+# these repos is known to us, so their main branch is read, whose weights are pickled .bin files
+# (read with torch.load(weights_only=True) after a check that they hold only tensors).
+_BIN = "diffusion_pytorch_model.bin on main (no safetensors revision known)"
 for _entry in (
     _hub_entry("ddpm-cifar10", "google/ddpm-cifar10-32",
-               "DDPM (Ho et al.) CIFAR-10 32x32, linear T=1000, eps, fixed variance",
-               size=32, channels=3, parameters=35_700_000),
+               "DDPM (Ho et al.) CIFAR-10 32x32, linear T=1000, eps, fixed-large variance",
+               size=32, channels=3, parameters=35_746_307, weights=_BIN),
     _hub_entry("ddpm-celebahq", "google/ddpm-ema-celebahq-256",
                "DDPM (Ho et al.) CelebA-HQ 256x256 (EMA weights), linear T=1000, eps",
-               size=256, channels=3, parameters=114_000_000),
+               size=256, channels=3, parameters=114_000_000, weights=_BIN),
     _hub_entry("ldm-celebahq", "CompVis/ldm-celebahq-256",
                "LDM-VQ-f4 CelebA-HQ 256x256: 64x64x3 latents, T=1000, eps (the paper's latent teacher)",
-               size=64, channels=3, parameters=274_000_000, latent=True),
+               size=64, channels=3, parameters=274_056_163, latent=True, decode_scale=1.0,
+               weights=_BIN),
     _direct_entry("iddpm-cifar10", IDDPM_CIFAR10_URL, "iddpm-cifar10",
                   "Improved DDPM CIFAR-10 32x32 (cifar10_uncond_50M_500K), cosine T=4000, learned variance",
                   size=32, parameters=52_546_438),

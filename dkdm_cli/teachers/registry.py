@@ -13,7 +13,3 @@ def register_teacher(entry: TeacherEntry) -> TeacherEntry:
     TEACHERS.register(entry.name)(lambda: entry)
     return entry
 
-
-def teacher_entries() -> list[TeacherEntry]:
-    """All registered teachers, in registration order."""
-    return [TEACHERS.create(name) for name in TEACHERS.names()]

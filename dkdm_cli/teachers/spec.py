@@ -14,8 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from dkdm_cli.errors import RegistryError, TeacherError
-from dkdm_cli.teachers import builtin as _builtin  # noqa: F401  (registers `digits`)
-from dkdm_cli.teachers import public as _public  # noqa: F401  (registers the public teachers)
 from dkdm_cli.teachers.base import Teacher
 from dkdm_cli.teachers.registry import TEACHERS
 
@@ -55,10 +53,10 @@ def classify(spec: str) -> str:
     if spec.startswith((".", "/", "~")) or Path(spec).suffix:
         raise TeacherError(f"{spec}: no such file or folder")
     try:
-        TEACHERS.resolve(spec)
+        TEACHERS.resolve(spec)  # not registered (checked above): raises with suggestions
     except RegistryError as exc:
         raise TeacherError(f"{exc}. Or give hf:ORG/NAME or a path") from exc
-    return "registered"  # pragma: no cover
+    raise TeacherError(f"{spec}: not a teacher spec")
 
 
 def resolve_teacher(
@@ -68,14 +66,8 @@ def resolve_teacher(
     kind = classify(spec)
     if kind == "registered":
         return TEACHERS.create(spec).load(device=device)
-    if kind == "model_file":
-        from dkdm_cli.teachers.native import load_model_file_teacher
-
-        return load_model_file_teacher(Path(spec), device=device)
-    if kind == "run_dir":
-        from dkdm_cli.teachers.native import load_run_teacher
-
-        return load_run_teacher(Path(spec), device=device)
+    if kind in ("model_file", "run_dir"):
+        return load_model(spec, device=device)
     if kind == "hub":
         from dkdm_cli.teachers.hub import load_hub_teacher
 
@@ -87,3 +79,30 @@ def resolve_teacher(
     from dkdm_cli.teachers.adm import load_adm_teacher
 
     return load_adm_teacher(Path(spec), arch=arch, arch_kwargs=arch_kwargs or {}, device=device)
+
+
+def load_model(spec: str, *, ema: bool = True, device: str = "cpu", students_only: bool = False) -> Teacher:
+    """The one place that decides "run directory, model file or teacher?": a dkdm run directory
+    (its newest checkpoint; EMA weights unless `ema=False`) or model file is loaded as such (a
+    latent one with its parent teacher's autoencoder); anything else is resolved as a teacher
+    spec, unless `students_only`."""
+    from dkdm_cli.teachers.native import load_model_file_teacher, load_run_teacher
+
+    path = Path(spec).expanduser()
+    kind = classify(str(path)) if path.exists() else None
+    if kind == "run_dir":
+        model = load_run_teacher(path, ema=ema, device=device)
+    elif kind == "model_file":
+        model = load_model_file_teacher(path, device=device)
+    elif students_only:
+        if not path.exists():
+            raise TeacherError(f"{spec}: no such run directory or model file")
+        raise TeacherError(f"{spec}: not a dkdm run directory or exported model file (.safetensors)")
+    else:
+        if not ema:
+            raise TeacherError("--no-ema applies to a run directory")
+        return resolve_teacher(spec, device=device)
+    parent = model.info.get("autoencoder_from")
+    if parent:  # a latent student decodes with its teacher's autoencoder
+        model.autoencoder = resolve_teacher(parent, device=device).autoencoder
+    return model
