@@ -276,6 +276,8 @@ def test_loading_never_unpickles(saved, monkeypatch) -> None:
 # Released presets never change: a model file records only the preset name and its arguments.
 # Learned variance; (32x32x3, 16x16x1).
 PINNED_COUNTS = {
+    "dit-n/2": (330_072, 328_520),
+    "dit-n/4": (337_056, 330_848),
     "dit-t/2": (1_274_520, 1_271_432),
     "dit-t/4": (1_288_416, 1_276_064),
     "dit-s/2": (32_476_056, 32_466_824),

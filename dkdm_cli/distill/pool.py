@@ -98,25 +98,6 @@ def teacher_step(teacher_fn: TeacherFn, diffusion: GaussianDiffusion, *, x: torc
         return StepResult(out, step, diffusion.ancestral_step(step, x_t=x, t=t, noise=noise))
 
 
-def _exact_chunk(teacher_fn, diffusion, pool: StatePool, idx: torch.Tensor, clip: bool, tick) -> None:
-    x = pool.x[idx]  # (n, C, H, W), all at T-1
-    target = pool.t[idx]  # (n,)
-    cur = diffusion.num_timesteps - 1
-    while True:
-        active = target < cur  # states still above their start step
-        if not bool(active.any()):
-            break
-        a_idx = active.nonzero().squeeze(1)
-        xa = x[a_idx]
-        t = torch.full((len(a_idx),), cur, device=x.device, dtype=torch.long)
-        x[a_idx] = teacher_step(teacher_fn, diffusion, x=xa, t=t, noise=pool.randn(xa.shape),
-                                clip_denoised=clip).x_next
-        pool.teacher_sample_steps += len(a_idx)
-        tick(len(a_idx))
-        cur -= 1
-    pool.x[idx] = x
-
-
 def _fast_chunk(teacher_fn, diffusion, pool: StatePool, idx: torch.Tensor, k: int, clip: bool,
                 tick) -> None:
     x = pool.x[idx]  # (n, C, H, W), all at T-1
@@ -203,22 +184,18 @@ def init_pool(
         on_total(0)
         return pool
     pool.t = torch.randint(0, T, (size,), generator=generator, device=device)
-    if init == "chains":
-        chain = chain_assignment(pool.t, chain_states)
+    if init in ("chains", "exact"):  # exact: one chain per state
+        chain = chain_assignment(pool.t, chain_states if init == "chains" else 1)
         on_total(chains_cost(pool.t, chain, T))
         count = int(chain.max()) + 1
         for first in range(0, count, chunk):
             _chains(teacher_fn, diffusion, pool, chain, first, min(count, first + chunk),
                     clip_denoised, tick)
         return pool
-    steps = (T - 1 - pool.t) if init == "exact" else (T - 1 - pool.t).clamp(max=init_steps)
-    on_total(int(steps.sum()))
+    on_total(int((T - 1 - pool.t).clamp(max=init_steps).sum()))
     for start in range(0, size, chunk):
         idx = torch.arange(start, min(size, start + chunk), device=device)
-        if init == "exact":
-            _exact_chunk(teacher_fn, diffusion, pool, idx, clip_denoised, tick)
-        else:
-            _fast_chunk(teacher_fn, diffusion, pool, idx, init_steps, clip_denoised, tick)
+        _fast_chunk(teacher_fn, diffusion, pool, idx, init_steps, clip_denoised, tick)
     return pool
 
 

@@ -144,10 +144,11 @@ def _dit_preset(depth: int, hidden: int, heads: int, patch: int):
     return factory
 
 
-# Depth / width / heads as in the DiT paper; dit-t is ours, for tests and CPU demos.
-_DIT_SIZES = {"t": (4, 128, 4), "s": (12, 384, 6), "b": (12, 768, 12), "l": (24, 1024, 16),
-              "xl": (28, 1152, 16)}
-_DIT_PATCHES = {"t": (2, 4), "s": (2, 4), "b": (2, 4), "l": (2,), "xl": (2,)}
+# Depth / width / heads as in the DiT paper; dit-t and dit-n are ours, for tests and CPU demos
+# (dit-n/2: 0.33M parameters at 16x16x1, half the built-in digits teacher, the default student).
+_DIT_SIZES = {"n": (4, 64, 4), "t": (4, 128, 4), "s": (12, 384, 6), "b": (12, 768, 12),
+              "l": (24, 1024, 16), "xl": (28, 1152, 16)}
+_DIT_PATCHES = {"n": (2, 4), "t": (2, 4), "s": (2, 4), "b": (2, 4), "l": (2,), "xl": (2,)}
 for _size, (_depth, _hidden, _heads) in _DIT_SIZES.items():
     for _patch in _DIT_PATCHES[_size]:
         MODELS.register(f"dit-{_size}/{_patch}", aliases=(f"dit-{_size}",) if _patch == 2 else ())(
