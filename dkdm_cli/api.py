@@ -1,5 +1,5 @@
 """dkdm's Python API. Everything here is stable: names and signatures change only with a major
-version. Both functions return a `Teacher`:
+version. Both functions return a `Denoiser` (also importable as `Teacher`, its older name):
 
     teacher.model_output(x, t)               raw network output (B, C or 2C, H, W) at steps t (B,)
     teacher.reverse_step_distribution(x, t)  (mean, log_variance) of p(x_{t-1} | x_t)
@@ -21,11 +21,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dkdm_cli.errors import TeacherError
-from dkdm_cli.teachers.base import Teacher
+from dkdm_cli.teachers.base import Denoiser, Teacher
 
 
-def load_teacher(spec: str, *, device: str = "cpu", arch: str = "", **arch_kwargs: Any) -> Teacher:
+def load_teacher(spec: str, *, device: str = "cpu", arch: str = "", **arch_kwargs: Any) -> Denoiser:
     """Load a teacher from a spec, as `dkdm distill --teacher` does.
 
     spec: a registered name (`dkdm teachers`), `hf:ORG/NAME[@REVISION]`, a diffusers folder, a
@@ -38,21 +37,12 @@ def load_teacher(spec: str, *, device: str = "cpu", arch: str = "", **arch_kwarg
     return resolve_teacher(str(spec), arch=arch, arch_kwargs=arch_kwargs, device=device)
 
 
-def load_student(path: str | Path, *, device: str = "cpu", ema: bool = True) -> Teacher:
+def load_student(path: str | Path, *, device: str = "cpu", ema: bool = True) -> Denoiser:
     """Load a distilled student, from a run directory (its latest checkpoint; EMA weights unless
-    `ema=False`) or an exported model file, as a Teacher with the same methods."""
-    from dkdm_cli.teachers.native import load_model_file_teacher, load_run_teacher
-    from dkdm_cli.teachers.spec import classify
+    `ema=False`) or an exported model file, as a Denoiser with the same methods as a teacher."""
+    from dkdm_cli.teachers.spec import load_denoiser
 
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise TeacherError(f"{path}: no such run directory or model file")
-    kind = classify(str(path))
-    if kind == "run_dir":
-        return load_run_teacher(path, ema=ema, device=device)
-    if kind == "model_file":
-        return load_model_file_teacher(path, device=device)
-    raise TeacherError(f"{path}: not a dkdm run directory or exported model file (.safetensors)")
+    return load_denoiser(path, ema=ema, device=device, students_only=True)
 
 
-__all__ = ["Teacher", "load_student", "load_teacher"]
+__all__ = ["Denoiser", "Teacher", "load_student", "load_teacher"]

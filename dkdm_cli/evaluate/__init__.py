@@ -103,15 +103,9 @@ def requested_metrics(flags: Iterable[str], bounds: Iterable[Bound]) -> set[str]
 # -- the samples -----------------------------------------------------------------------------
 
 def _load_model(spec: str, *, ema: bool, device: str):
-    from dkdm_cli.api import load_student, load_teacher
-    from dkdm_cli.teachers.spec import classify
+    from dkdm_cli.teachers.spec import load_denoiser
 
-    path = Path(spec).expanduser()
-    if path.exists() and classify(str(path)) in ("run_dir", "model_file"):
-        return load_student(path, ema=ema, device=device)
-    if not ema:
-        raise UserError("--no-ema applies to a run directory")
-    return load_teacher(spec, device=device)
+    return load_denoiser(spec, ema=ema, device=device)
 
 
 def is_image_folder(path: Path) -> bool:

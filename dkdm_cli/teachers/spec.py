@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dkdm_cli.errors import RegistryError, TeacherError
-from dkdm_cli.teachers import builtin as _builtin  # noqa: F401  (registers `digits`)
-from dkdm_cli.teachers import public as _public  # noqa: F401  (registers the public teachers)
-from dkdm_cli.teachers.base import Teacher
-from dkdm_cli.teachers.registry import TEACHERS
+from dkdm_cli.errors import RegistryError, TeacherError, UserError
+from dkdm_cli.teachers.base import Denoiser
+from dkdm_cli.teachers.registry import TEACHERS  # filled by dkdm_cli/teachers/__init__.py
 
 ADM_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
@@ -63,7 +61,7 @@ def classify(spec: str) -> str:
 
 def resolve_teacher(
     spec: str, *, arch: str = "", arch_kwargs: dict | None = None, device: str = "cpu"
-) -> Teacher:
+) -> Denoiser:
     """Load the teacher a spec names, on `device`."""
     kind = classify(spec)
     if kind == "registered":
@@ -71,11 +69,11 @@ def resolve_teacher(
     if kind == "model_file":
         from dkdm_cli.teachers.native import load_model_file_teacher
 
-        return load_model_file_teacher(Path(spec), device=device)
+        return load_model_file_teacher(Path(spec), device=device, resolve=resolve_teacher)
     if kind == "run_dir":
         from dkdm_cli.teachers.native import load_run_teacher
 
-        return load_run_teacher(Path(spec), device=device)
+        return load_run_teacher(Path(spec), device=device, resolve=resolve_teacher)
     if kind == "hub":
         from dkdm_cli.teachers.hub import load_hub_teacher
 
@@ -87,3 +85,35 @@ def resolve_teacher(
     from dkdm_cli.teachers.adm import load_adm_teacher
 
     return load_adm_teacher(Path(spec), arch=arch, arch_kwargs=arch_kwargs or {}, device=device)
+
+
+STUDENT_KINDS = ("run_dir", "model_file")
+
+
+def load_denoiser(spec: str | Path, *, ema: bool = True, device: str = "cpu",
+                  students_only: bool = False) -> Denoiser:
+    """The one answer to "run directory, model file or teacher?" (api, `dkdm sample`, `dkdm eval`).
+
+    An existing run directory gives its latest student (EMA weights unless `ema=False`); a dkdm
+    model file its one set of weights; anything else is a teacher spec (`resolve_teacher`), unless
+    `students_only`, which accepts only the first two.
+    """
+    text = str(spec)
+    path = Path(text).expanduser()
+    kind = classify(str(path)) if path.exists() else None
+    if students_only and kind not in STUDENT_KINDS:
+        raise TeacherError(f"{path}: no such run directory or model file" if kind is None else
+                           f"{path}: not a dkdm run directory or exported model file (.safetensors)")
+    if not ema and kind != "run_dir":
+        raise UserError(f"{text}: --no-ema applies to run directories; an exported model or a "
+                        "teacher holds one set of weights (choose at export time with "
+                        "dkdm export --no-ema)")
+    if kind == "run_dir":
+        from dkdm_cli.teachers.native import load_run_teacher
+
+        return load_run_teacher(path, ema=ema, device=device, resolve=resolve_teacher)
+    if kind == "model_file":
+        from dkdm_cli.teachers.native import load_model_file_teacher
+
+        return load_model_file_teacher(path, device=device, resolve=resolve_teacher)
+    return resolve_teacher(text, device=device)
