@@ -1,27 +1,49 @@
-"""One rule for "offline", honoured everywhere dkdm could reach the network (hub teachers,
-direct-link checkpoints, Inception weights).
+"""One offline switch for everything dkdm might download: hub teachers, direct-link teachers and
+the Inception weights.
 
-Offline when DKDM_OFFLINE or HF_HUB_OFFLINE (or its older alias TRANSFORMERS_OFFLINE, as
-huggingface_hub reads it) is set to a true value in any spelling huggingface_hub accepts:
-1, on, yes, true, in any case. Read at call time, not import time.
+Offline when either variable is true, in any spelling huggingface_hub accepts (1, true, yes, on;
+any case):
+  HF_HUB_OFFLINE  huggingface_hub's own switch (TRANSFORMERS_OFFLINE counts when it is unset);
+  DKDM_OFFLINE    dkdm's, for users who want dkdm offline but other hub tools online.
+Both are read at call time. When HF_HUB_OFFLINE is not in the environment at all, huggingface_hub's
+import-time value (constants.HF_HUB_OFFLINE) is respected, so a program that set it before
+importing huggingface_hub keeps its choice.
 """
 
 from __future__ import annotations
 
 import os
 
-VARIABLES = ("DKDM_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # huggingface_hub.constants.ENV_VARS_TRUE_VALUES
+ENV_VARS = ("HF_HUB_OFFLINE", "DKDM_OFFLINE")
+# huggingface_hub.constants.ENV_VARS_TRUE_VALUES, compared upper-cased as it does.
+TRUE_VALUES = frozenset({"1", "ON", "YES", "TRUE"})
+
+
+def env_true(value: str | None) -> bool:
+    """Whether an environment value means "true" to huggingface_hub."""
+    return value is not None and value.strip().upper() in TRUE_VALUES
+
+
+def _hub_switch() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    if value is not None:
+        return env_true(value)
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def offline_reason() -> str | None:
+    """Which switch makes dkdm offline (e.g. "HF_HUB_OFFLINE is set"), or None when online."""
+    if env_true(os.environ.get("DKDM_OFFLINE")):
+        return "DKDM_OFFLINE is set"
+    if _hub_switch():
+        return "HF_HUB_OFFLINE is set"
+    return None
 
 
 def is_offline() -> bool:
-    """Whether the user asked for no network access."""
-    return any(os.environ.get(var, "").strip().upper() in TRUE_VALUES for var in VARIABLES)
-
-
-def which() -> str:
-    """The variable that made it offline (for messages), or ''."""
-    for var in VARIABLES:
-        if os.environ.get(var, "").strip().upper() in TRUE_VALUES:
-            return f"{var}={os.environ[var]}"
-    return ""
+    """True when downloads are disabled (see the module docstring); never touches the network."""
+    return offline_reason() is not None

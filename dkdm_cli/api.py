@@ -1,5 +1,5 @@
 """dkdm's Python API. Everything here is stable: names and signatures change only with a major
-version. Both functions return a `Teacher`:
+version. Both functions return a `Denoiser` (also importable as `Teacher`, its older name):
 
     teacher.model_output(x, t)               raw network output (B, C or 2C, H, W) at steps t (B,)
     teacher.reverse_step_distribution(x, t)  (mean, log_variance) of p(x_{t-1} | x_t)
@@ -24,7 +24,7 @@ from typing import Any
 from dkdm_cli.teachers.base import Denoiser, Teacher
 
 
-def load_teacher(spec: str, *, device: str = "cpu", arch: str = "", **arch_kwargs: Any) -> Teacher:
+def load_teacher(spec: str, *, device: str = "cpu", arch: str = "", **arch_kwargs: Any) -> Denoiser:
     """Load a teacher from a spec, as `dkdm distill --teacher` does.
 
     spec: a registered name (`dkdm teachers`), `hf:ORG/NAME[@REVISION]`, a diffusers folder, a
@@ -37,12 +37,12 @@ def load_teacher(spec: str, *, device: str = "cpu", arch: str = "", **arch_kwarg
     return resolve_teacher(str(spec), arch=arch, arch_kwargs=arch_kwargs, device=device)
 
 
-def load_student(path: str | Path, *, device: str = "cpu", ema: bool = True) -> Teacher:
+def load_student(path: str | Path, *, device: str = "cpu", ema: bool = True) -> Denoiser:
     """Load a distilled student, from a run directory (its latest checkpoint; EMA weights unless
-    `ema=False`) or an exported model file, as a Teacher with the same methods."""
-    from dkdm_cli.teachers.spec import load_model
+    `ema=False`) or an exported model file, as a Denoiser with the same methods as a teacher."""
+    from dkdm_cli.teachers.spec import load_denoiser
 
-    return load_model(str(path), ema=ema, device=device, students_only=True)
+    return load_denoiser(path, ema=ema, device=device, students_only=True)
 
 
 __all__ = ["Denoiser", "Teacher", "load_student", "load_teacher"]

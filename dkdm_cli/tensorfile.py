@@ -9,6 +9,7 @@ never suggests loading it unsafely.
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -32,9 +33,12 @@ def read_tensor_dict(path: Path, *, what: str = "weights file") -> dict[str, tor
             except RuntimeError:  # legacy (pre-zip) files cannot be memory-mapped
                 obj = torch.load(path, map_location="cpu", weights_only=True)
     except errors as exc:
-        raise ModelFileError(
-            f"{path}: not a plain {what} of tensors ({type(exc).__name__}: it holds other Python "
-            "objects, or is not a PyTorch file); dkdm reads only tensors from such files") from None
+        # torch's own message goes on to explain how to unpickle anyway: say only what it needs.
+        needs = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        why = f"it needs {needs.group(1)}" if needs else (
+            f"{type(exc).__name__}: it holds other Python objects, or is not a PyTorch file")
+        raise ModelFileError(f"{path}: not a plain {what} of tensors ({why}); dkdm reads only "
+                             "tensors from such files, with torch.load(weights_only=True)") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v)

@@ -187,7 +187,7 @@ class EcoHubCache:
         repo = self.dir / ("models--" + repo_id.replace("/", "--"))
         snapshot = repo / "snapshots" / commit
         _eco_shutil.copytree(folder, snapshot, dirs_exist_ok=True)
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / revision).parent.mkdir(parents=True, exist_ok=True)  # refs/pr/N nests
         (repo / "refs" / revision).write_text(commit)
         return snapshot
 

@@ -439,25 +439,3 @@ def test_diffusion_settings_round_trip_and_build():
     with pytest.raises(ConfigError, match="bad diffusion settings"):
         DiffusionSettings(prediction="noise").build()
 
-
-def test_extract_casts_the_table_before_moving_it():
-    """mps has no float64: the float64 table must be cast on its own device before any move."""
-    from dkdm_cli.diffusion.gaussian import _extract
-
-    moves = []
-
-    class Recording(torch.Tensor):
-        @classmethod
-        def __torch_function__(cls, func, types, args=(), kwargs=None):
-            if func is torch.Tensor.to:
-                moves.append((args[0].dtype, args[1:], dict(kwargs or {})))
-            return super().__torch_function__(func, types, args, kwargs)
-
-    table = torch.linspace(0.1, 0.9, 10, dtype=torch.float64).as_subclass(Recording)
-    like = torch.zeros(3, 1, 2, 2, dtype=torch.float16)
-    out = _extract(table, torch.tensor([0, 4, 9]), like)
-    assert out.dtype == torch.float16 and out.shape == (3, 1, 1, 1)
-    want = torch.linspace(0.1, 0.9, 10)[[0, 4, 9]]
-    assert torch.allclose(out.flatten().float().as_subclass(torch.Tensor), want, atol=1e-3)
-    assert moves[0][0] == torch.float64 and torch.float16 in moves[0][1]  # first: cast in place
-    assert all(dtype != torch.float64 for dtype, *_ in moves[1:])  # only then any move

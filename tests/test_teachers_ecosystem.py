@@ -91,6 +91,17 @@ def test_bare_unet_folder_with_root_scheduler_config(tmp_path):
     assert teacher.settings.variance == "fixed_small" and teacher.settings.num_timesteps == 100
 
 
+def test_folder_without_diffusers_weights_is_a_clear_error(tmp_path):
+    from diffusers import DDPMScheduler
+
+    unet = tmp_path / "m" / "unet"
+    eco_tiny_unet2d(out_channels=3).save_pretrained(str(unet))
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "model.pt")
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(str(tmp_path / "m" / "scheduler"))
+    with pytest.raises(TeacherError, match=r"no diffusion_pytorch_model.safetensors or .*\.bin.*model\.pt"):
+        resolve_teacher(str(tmp_path / "m"))
+
+
 def test_missing_scheduler_is_a_clear_error(tmp_path):
     eco_tiny_unet2d(out_channels=3).save_pretrained(str(tmp_path / "m" / "unet"))
     with pytest.raises(TeacherError, match="no scheduler config"):
@@ -215,6 +226,9 @@ def test_registered_hub_teacher_loads_from_cache(hf_offline_cache, tiny_diffuser
     with pytest.raises(OfflineError, match="google/ddpm-cifar10-32"):
         resolve_teacher("ddpm-cifar10")
     hf_offline_cache.add("google/ddpm-cifar10-32", tiny_diffusers_teacher_dir)
+    assert not entry.is_cached()  # main is cached, but the entry pins its safetensors revision
+    hf_offline_cache.add("google/ddpm-cifar10-32", tiny_diffusers_teacher_dir, revision=entry.revision,
+                         commit="1" * 40)
     assert entry.is_cached()
     assert resolve_teacher("ddpm-cifar10").name == "ddpm-cifar10"
 

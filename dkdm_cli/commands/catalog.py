@@ -53,19 +53,18 @@ def teachers(json_out: JsonOpt = False) -> None:
     from dkdm_cli.teachers.spec import TEACHERS
 
     entries = [TEACHERS.create(n) for n in TEACHERS.names()]
-    rows = [{"name": e.name, "source": e.source, "description": e.description,
-             "image_size": e.image_size, "channels": e.channels, "parameters": e.parameters,
-             "latent": e.latent, "decode_scale": e.decode_scale, "weights": e.weights or None,
-             "cached": bool(e.is_cached())} for e in entries]
+    rows = [e.row(cached=bool(e.is_cached())) for e in entries]
     if json_out:
         _console.print_json({"teachers": rows})
         return
     table = Table(title="teachers")
-    for col in ("name", "resolution", "params (M)", "cached", "source"):
+    for col in ("name", "resolution", "params (M)", "cached", "source", "weights / decoding"):
         table.add_column(col)
     for r in rows:
         params = f"{r['parameters'] / 1e6:.1f}" if r["parameters"] else "?"
-        res = f"{r['image_size']}x{r['image_size']}x{r['channels']}" + (
-            f" latent (decode scale {r['decode_scale']:g})" if r["latent"] else "")
-        table.add_row(r["name"], res, params, "yes" if r["cached"] else "no", r["source"])
+        res = f"{r['image_size']}x{r['image_size']}x{r['channels']}" + (" latent" if r["latent"] else "")
+        source = r["source"] + (f"@{r['revision']}" if r["revision"] else "")
+        notes = r["weights"] + (f"; decode scale {r['decode_scale']:g}: {r['decode_note']}"
+                                if r["decode_scale"] is not None else "")
+        table.add_row(r["name"], res, params, "yes" if r["cached"] else "no", source, notes)
     _console.out.print(table)

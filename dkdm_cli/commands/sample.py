@@ -52,18 +52,10 @@ def load_source(teacher: str | None, model: str | None, *, ema: bool, device: st
     """The denoiser to sample: --teacher SPEC or --model (run directory or exported student)."""
     if (teacher is None) == (model is None):
         raise UserError("give exactly one of --teacher NAME or --model PATH")
-    if teacher is not None:
-        if not ema:
-            raise UserError("--no-ema applies to a run directory given with --model")
-        from dkdm_cli.api import load_teacher
+    from dkdm_cli.teachers.spec import load_denoiser
 
-        return load_teacher(teacher, device=device)
-    from dkdm_cli.teachers.spec import load_model
-
-    if not ema and not (Path(model).expanduser() / "checkpoints").is_dir():
-        raise UserError("--no-ema applies to run directories; an exported model holds one set "
-                        "of weights (choose at export time with dkdm export --no-ema)")
-    return load_model(model, ema=ema, device=device, students_only=True)
+    return load_denoiser(teacher if teacher is not None else model, ema=ema, device=device,
+                         students_only=model is not None)
 
 
 def check_outputs(*, out: Path | None, files: dict[str, Path | None]) -> None:

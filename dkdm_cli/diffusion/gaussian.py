@@ -52,9 +52,10 @@ class ReverseStep:
 def _extract(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """arr[t] reshaped to broadcast against `like` (B, ...), in like's dtype and device.
 
-    The (float64, CPU) table is cast to like's dtype where it lives and only then moved: Apple
-    GPUs (mps) have no float64, so moving it first fails there."""
-    table = arr if arr.dtype == like.dtype else arr.to(like.dtype)
+    The float64 table is cast on the CPU before it moves: Apple GPUs (mps) have no float64, and
+    the cast-then-index result equals index-then-cast element for element.
+    """
+    table = arr.to(dtype=like.dtype) if arr.dtype != like.dtype else arr  # (T,), on the CPU
     out = table.to(like.device)[t.to(like.device)]  # (B,)
     return out.reshape(-1, *([1] * (like.dim() - 1)))
 

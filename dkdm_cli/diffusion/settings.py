@@ -10,6 +10,13 @@ from dkdm_cli.diffusion.schedules import make_betas
 from dkdm_cli.errors import ConfigError
 
 
+def default_clip(*, latent: bool) -> bool:
+    """Whether x0 is clipped to [-1, 1] when a teacher's files do not say: yes for images (which
+    live in [-1, 1]; diffusers' DDPMScheduler default), never for latents (an autoencoder's
+    latents are not bounded by 1, so clipping them distorts every step)."""
+    return not latent
+
+
 @dataclass(frozen=True)
 class DiffusionSettings:
     """Everything that defines a model's noise process and how its output is read."""
@@ -21,6 +28,7 @@ class DiffusionSettings:
     betas: tuple[float, ...] | None = None  # only for schedule = "explicit"
     prediction: str = Prediction.EPSILON.value
     variance: str = VarianceType.FIXED_SMALL.value
+    # Clip predicted x0 to [-1, 1]: right for pixels, wrong for latents (see default_clip).
     clip_denoised: bool = True
     # improved-diffusion's rescale_timesteps: the model is called with t * timestep_scale.
     timestep_scale: float = 1.0

@@ -199,16 +199,12 @@ def announce(obs, cfg: Config, info, teacher, student, count_parameters) -> None
         f"{'x'.join(map(str, teacher.sample_shape))}, T={teacher.diffusion.num_timesteps}) -> "
         f"student {cfg.student.name} ({count_parameters(student) / 1e6:.2f}M params) on {info.device}"
     )
+    if teacher.space_note():  # latent teachers: decode scale and clipping, said once
+        obs.message(teacher.space_note())
     obs.message(
         f"mode {d.mode}, effective batch {d.batch_size * info.world_size} "
         f"({info.world_size} process(es) x {d.batch_size}), lr {d.lr:g}, {d.iterations} iterations"
     )
-    ae = teacher.autoencoder
-    if ae is not None:
-        why = getattr(ae, "scale_source", "")
-        obs.message(f"latent teacher: samples decode as latents / {ae.scaling_factor:g}"
-                    + (f" ({why})" if why else "") + "; x0 is "
-                    + ("clipped to [-1, 1]" if teacher.settings.clip_denoised else "not clipped"))
 
 
 def warn_if_not_exact(cfg: Config, restored: bool) -> None:

@@ -102,6 +102,12 @@ def requested_metrics(flags: Iterable[str], bounds: Iterable[Bound]) -> set[str]
 
 # -- the samples -----------------------------------------------------------------------------
 
+def _load_model(spec: str, *, ema: bool, device: str):
+    from dkdm_cli.teachers.spec import load_denoiser
+
+    return load_denoiser(spec, ema=ema, device=device)
+
+
 def is_image_folder(path: Path) -> bool:
     """A folder to read images from, rather than a run directory or diffusers model."""
     from dkdm_cli.teachers.spec import classify
@@ -145,9 +151,7 @@ def open_samples(spec: str, *, cfg: EvalConfig, ema: bool, device, progress: Pro
         return images, None
     if path.is_dir() and is_image_folder(path):
         return folder_images(path), None
-    from dkdm_cli.teachers.spec import load_model
-
-    model = load_model(spec, ema=ema, device=str(device))
+    model = _load_model(spec, ema=ema, device=str(device))
     images = _generate(model, cfg=cfg, seed=cfg.seed, num=cfg.num, device=device,
                        progress=progress, label="sampling")
     info = {"generated": True, "sampler": cfg.sampler, "steps": cfg.steps, "eta": 0.0,

@@ -75,10 +75,15 @@ class InceptionWeights:
 
 
 def is_offline(host: str = "github.com", port: int = 443, timeout: float = OFFLINE_PROBE_S) -> bool:
-    """True when the user asked for offline (dkdm_cli._offline) or `host` does not answer within
-    `timeout` seconds (DNS included: the probe runs in a daemon thread, so it never hangs)."""
-    if _offline.is_offline():
-        return True
+    """True when dkdm's offline switch is on (`dkdm_cli._offline.is_offline`: HF_HUB_OFFLINE or
+    DKDM_OFFLINE, in any spelling huggingface_hub accepts) or the network does not answer."""
+    return _offline.is_offline() or network_unreachable(host, port, timeout)
+
+
+def network_unreachable(host: str = "github.com", port: int = 443,
+                        timeout: float = OFFLINE_PROBE_S) -> bool:
+    """True when `host` does not answer within `timeout` seconds (DNS included: the probe runs
+    in a daemon thread, so it never hangs the caller)."""
     ok: list[bool] = []
 
     def probe() -> None:
@@ -138,8 +143,10 @@ def resolve_weights(explicit: str | None = None, *, quiet: bool = False,
     else:
         path, source = hub_weights_path(), "hub-cache"
         if not path.is_file():
-            if is_offline():
-                raise OfflineError(_offline_message("the network is unreachable (offline)"))
+            reason = _offline.offline_reason() or (
+                "the network is unreachable" if network_unreachable() else None)
+            if reason:
+                raise OfflineError(_offline_message(f"downloads are off ({reason})"))
             _download(path, quiet=quiet)
             source = "download"
     if not path.is_file():

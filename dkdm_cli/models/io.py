@@ -51,8 +51,10 @@ def read_safetensors(path: Path, *, weights: bool = True) -> tuple[dict[str, tor
     return tensors, meta
 
 
-def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
-    """load_state_dict(strict) with an error naming missing/unexpected/mis-shaped keys."""
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
+                      assign: bool = False) -> None:
+    """load_state_dict(strict) with an error naming missing/unexpected/mis-shaped keys
+    (`assign=True` for a model built on the meta device: the tensors become its parameters)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -64,7 +66,7 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], *, sourc
                 more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
                 parts.append(f"{label}: {', '.join(keys[:5])}{more}")
         raise ModelFileError(f"{source}: weights do not match the architecture; " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def save_model(model: nn.Module, path: Path, *, extra: dict[str, Any] | None = None) -> None:

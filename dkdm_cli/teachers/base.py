@@ -1,5 +1,7 @@
-"""The Teacher: a frozen denoiser plus the diffusion settings and (for latent teachers) the
-autoencoder it needs. Everything the engine and samplers need from a teacher goes through here."""
+"""The Denoiser: a frozen diffusion network plus its diffusion settings and (for latent models)
+the autoencoder it needs. Teachers and distilled students are both Denoisers; everything the
+engine and samplers need from either goes through here. `Teacher` is the same class under the
+name the public API has always used."""
 
 from __future__ import annotations
 
@@ -29,8 +31,7 @@ class Autoencoder(Protocol):
 
 @dataclass
 class Denoiser:
-    """A pretrained diffusion model, ready to take reverse steps: a teacher, or a distilled
-    student loaded for sampling (`Teacher` is the same class, the name the API started with).
+    """A pretrained diffusion model (a teacher, or a distilled student), ready to take reverse steps.
 
     `model(x, t_model)` is the raw network; `model_output(x, t)` calls it for process steps t
     (0..T-1), applying the teacher's own timestep convention (e.g. improved-diffusion's
@@ -95,6 +96,18 @@ class Denoiser:
         )
         return step.mean, step.log_variance
 
+    def space_note(self) -> str | None:
+        """How samples become images, for banners: None for pixel space, else the latent space,
+        the autoencoder's decode scale and the clipping rule."""
+        if self.autoencoder is None:
+            return None
+        scale = getattr(self.autoencoder, "scale", None)
+        how = scale.describe() if scale is not None else \
+            f"decode scale {float(self.autoencoder.scaling_factor):g}"
+        clip = "x0 clipped to [-1, 1]" if self.settings.clip_denoised else "x0 not clipped"
+        kind = type(getattr(self.autoencoder, "vae", self.autoencoder)).__name__
+        return f"latent space {'x'.join(map(str, self.sample_shape))} via {kind}: {how}; {clip}"
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Samples of the diffusion space to images in [-1, 1] (identity for pixel teachers)."""
         if self.autoencoder is None:
@@ -110,7 +123,8 @@ class Denoiser:
         return self
 
 
-Teacher = Denoiser  # the public API's name (dkdm_cli.api.load_teacher returns one)
+# The public API's name for the class (`load_teacher` returns one; so does `load_student`).
+Teacher = Denoiser
 
 
 @dataclass(frozen=True)
@@ -126,5 +140,15 @@ class TeacherEntry:
     load: Callable[..., Teacher]
     is_cached: Callable[[], bool] = lambda: True
     latent: bool = False
-    decode_scale: float | None = None  # latent teachers: latents are divided by this to decode
-    weights: str = ""  # which weight files are read, where it matters (e.g. a pinned revision)
+    revision: str | None = None  # the pinned hub revision, when not the default branch
+    weights: str = ""  # which weight files are read, and how
+    decode_scale: float | None = None  # latent teachers: what decoded samples are divided by
+    decode_note: str = ""  # where decode_scale comes from
+
+    def row(self, *, cached: bool) -> dict[str, Any]:
+        """The entry as `dkdm teachers --json` prints it."""
+        return {"name": self.name, "source": self.source, "revision": self.revision,
+                "description": self.description, "image_size": self.image_size,
+                "channels": self.channels, "parameters": self.parameters, "latent": self.latent,
+                "weights": self.weights, "decode_scale": self.decode_scale,
+                "decode_note": self.decode_note, "cached": cached}

@@ -26,4 +26,5 @@ register_teacher(TeacherEntry(
     description="16x16 grey handwritten digits, unet-t, cosine T=1000, learned variance",
     image_size=16, channels=1, parameters=679_226, load=_load_digits,
     is_cached=lambda: builtin_weights("digits").is_file(),
+    weights="safetensors shipped in the package",
 ))

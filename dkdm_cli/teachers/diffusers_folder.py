@@ -1,27 +1,19 @@
 """Teachers in diffusers format: a folder holding a UNet2DModel and a scheduler config, plus, for
 latent pipelines (CompVis/ldm-celebahq-256), the VQModel (vqvae/) or AutoencoderKL (vae/) that
-turns latents back into images.
+turns latents back into images (teachers/autoencoders.py: the latent scale).
 
 Layouts understood (the hub's two conventions):
   folder/model_index.json, unet/, scheduler/scheduler_config.json [, vqvae/ | vae/]
-  folder/config.json, folder/scheduler_config.json           (a bare UNet2DModel folder)
+  folder/config.json, folder/scheduler_config.json           (a bare UNet2DModel folder; the
+                                                              google/ddpm-* repos look like this)
 
-Weights: safetensors where a component has them; otherwise `diffusion_pytorch_model.bin` (as
-many hub repos, the google/ddpm-* and CompVis/ldm-* families among them, ship), after checking
-with `torch.load(weights_only=True)` that it holds nothing but tensors. diffusers' own
-`from_pretrained` then builds the model (it renames the old attention keys of early repos).
-
-Latent pipelines: the decode scale is read from the RAW autoencoder config file, not from the
-config diffusers fills in. A VQModel whose config has no `scaling_factor` (CompVis/ldm-*: the
-VQ-f4 autoencoders were trained unscaled) decodes with scale 1.0; diffusers would fill in 0.18215
-and decode garbage (diffusers issue 6725). An AutoencoderKL keeps diffusers' default where the
-key is absent. Latents are never clipped to [-1, 1] unless the scheduler config says so.
+Weights are read by teachers/diffusers_io.py: safetensors preferred, `.bin` read with
+torch.load(weights_only=True), every key checked.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +21,11 @@ import torch
 from torch import nn
 
 from dkdm_cli import _console
-from dkdm_cli.diffusion.settings import DiffusionSettings
-from dkdm_cli.errors import ModelFileError, TeacherError
+from dkdm_cli.diffusion.settings import DiffusionSettings, default_clip
+from dkdm_cli.errors import TeacherError
+from dkdm_cli.teachers.autoencoders import LatentScale, autoencoder_folder, latent_scale, load_autoencoder
 from dkdm_cli.teachers.base import Teacher
-from dkdm_cli.tensorfile import read_tensor_dict
+from dkdm_cli.teachers.diffusers_io import load_component, read_config, weight_files
 
 # diffusers' beta_schedule names that are one of our named schedules (same formula).
 SCHEDULE_NAMES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
@@ -44,9 +37,6 @@ VARIANCE_TYPES = {
     "learned_range": "learned_range",
 }
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
-AUTOENCODER_FOLDERS = ("vqvae", "vae")
-_WEIGHT_STEM = "diffusion_pytorch_model"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Schedulers without a discrete beta schedule (variance-exploding / flow models): not DDPM teachers.
 UNSUPPORTED_SCHEDULERS = ("ScoreSdeVeScheduler", "KarrasVeScheduler", "ScoreSdeVpScheduler",
                           "FlowMatchEulerDiscreteScheduler", "CMStochasticIterativeScheduler")
@@ -64,45 +54,6 @@ class DiffusersUNet(nn.Module):
         return self.unet(x, t, return_dict=False)[0]
 
 
-class DiffusersAutoencoder(nn.Module):
-    """A diffusers VQModel or AutoencoderKL as dkdm's Autoencoder (scaled latents <-> images).
-
-    Scaled latents are z * scaling_factor (after subtracting shift_factor where the VAE has one),
-    the convention of diffusers' pipelines (LDMPipeline divides by vqvae.config.scaling_factor
-    before decoding). A VQModel decodes through its quantiser, as LDM does; an AutoencoderKL
-    encodes to the mean of its posterior (deterministic).
-    """
-
-    def __init__(self, vae: nn.Module, *, quantized: bool, scaling_factor: float,
-                 scale_source: str = "") -> None:
-        super().__init__()
-        self.vae = vae
-        self.quantized = quantized
-        self.scaling_factor = float(scaling_factor)
-        self.scale_source = scale_source
-        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] to scaled latents (B, c, h, w)."""
-        if self.quantized:
-            z = self.vae.encode(images).latents  # (B, c, h, w), before quantisation
-        else:
-            z = self.vae.encode(images).latent_dist.mode()  # (B, c, h, w)
-        return (z - self.shift_factor) * self.scaling_factor
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, c, h, w) to images (B, 3, H, W) clamped to [-1, 1]."""
-        z = latents / self.scaling_factor + self.shift_factor
-        return self.vae.decode(z).sample.clamp(-1.0, 1.0)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path}: not a readable JSON config ({exc})") from exc
-
-
 def _unet_dir(folder: Path) -> Path:
     """Where the UNet lives: unet/ when present, else the folder itself."""
     for candidate in (folder / "unet", folder):
@@ -114,44 +65,11 @@ def _unet_dir(folder: Path) -> Path:
 def _scheduler_config(folder: Path) -> dict[str, Any]:
     for path in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json"):
         if path.is_file():
-            return _read_json(path)
+            return read_config(path)
     raise TeacherError(
         f"{folder}: no scheduler config (expected scheduler/scheduler_config.json); the teacher's "
         "noise schedule cannot be known without it"
     )
-
-
-def weights_format(component: Path) -> tuple[bool, str | None]:
-    """(use_safetensors, variant) of a component folder: safetensors preferred (the plain file,
-    else an fp32 or other variant), else `diffusion_pytorch_model.bin`, checked to be a plain
-    tensor dict. Anything else is refused."""
-    plain = (f"{_WEIGHT_STEM}.safetensors", f"{_WEIGHT_STEM}.safetensors.index.json")
-    if any((component / name).is_file() for name in plain):
-        return True, None
-    variants = sorted(p.name[len(_WEIGHT_STEM) + 1:-len(".safetensors")]
-                      for p in component.glob(f"{_WEIGHT_STEM}.*.safetensors"))
-    if variants:
-        return True, "fp32" if "fp32" in variants else variants[0]
-    binary = component / f"{_WEIGHT_STEM}.bin"
-    if binary.is_file():
-        read_tensor_dict(binary)  # refuses pickled objects before diffusers reads the file
-        return False, None
-    others = sorted(p.name for p in component.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    found = f" (found {', '.join(others)})" if others else ""
-    raise TeacherError(f"{component}: no {_WEIGHT_STEM}.safetensors or {_WEIGHT_STEM}.bin "
-                       f"weights{found}")
-
-
-def _from_pretrained(cls: type, component: Path) -> nn.Module:
-    """diffusers' own loader, local files only, safetensors preferred."""
-    use_safetensors, variant = weights_format(component)
-    try:
-        model = cls.from_pretrained(str(component), use_safetensors=use_safetensors, variant=variant,
-                                    local_files_only=True, torch_dtype=torch.float32,
-                                    low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelFileError(f"{component}: diffusers cannot load this {cls.__name__} ({exc})") from exc
-    return model.eval().requires_grad_(False)
 
 
 def settings_from_scheduler(config: dict[str, Any], *, learn_sigma_output: bool,
@@ -161,8 +79,9 @@ def settings_from_scheduler(config: dict[str, Any], *, learn_sigma_output: bool,
     beta_schedule linear | scaled_linear | squaredcos_cap_v2 map to our named schedules (same
     formulas); trained_betas, other schedules and zero-terminal-SNR rescaling become explicit betas
     computed by diffusers itself. A scheduler without variance_type (DDIM) means fixed_small, or
-    learned_range when the UNet outputs 2C channels. x_0 is clipped to [-1, 1] as the config's
-    `clip_sample` says; where it is absent, only for pixel-space (`latent=False`) teachers.
+    learned_range when the UNet outputs 2C channels. Without clip_sample, x0 is clipped to
+    [-1, 1] in pixel space (diffusers' DDPMScheduler default) and never for latent teachers
+    (latents are not in [-1, 1]); an explicit clip_sample is obeyed, with a warning in latent space.
     """
     if config.get("_class_name") in UNSUPPORTED_SCHEDULERS:
         raise TeacherError(
@@ -199,10 +118,11 @@ def settings_from_scheduler(config: dict[str, Any], *, learn_sigma_output: bool,
         raise TeacherError(
             f"unsupported variance_type {variance_type!r}; expected one of {', '.join(VARIANCE_TYPES)}"
         )
-    clip = bool(config.get("clip_sample", not latent))
+    clip = bool(config.get("clip_sample", default_clip(latent=latent)))
     if latent and clip:
-        _console.warn("the scheduler config asks to clip x0 to [-1, 1] on a latent teacher "
-                      "(latents are not in [-1, 1]); obeying it as written")
+        _console.warn("the scheduler config of this latent teacher asks for clip_sample: x0 "
+                      "(a latent) will be clipped to [-1, 1] as it says, which latent models "
+                      "rarely want")
     if config.get("thresholding", False):
         _console.warn("the scheduler uses dynamic thresholding; dkdm clips x0 to [-1, 1] instead")
         clip = True
@@ -214,8 +134,7 @@ def settings_from_scheduler(config: dict[str, Any], *, learn_sigma_output: bool,
                              variance=VARIANCE_TYPES[variance_type], clip_denoised=clip, **schedule)
 
 
-def _sample_size(config: Any) -> int:
-    size = getattr(config, "sample_size", None)
+def _sample_size(size: Any) -> int:
     if isinstance(size, (list, tuple)):
         if len(set(size)) != 1:
             raise TeacherError(f"non-square sample_size {tuple(size)} is not supported")
@@ -225,35 +144,57 @@ def _sample_size(config: Any) -> int:
     return int(size)
 
 
-def _load_autoencoder(folder: Path) -> DiffusersAutoencoder | None:
-    """The first stage of a latent pipeline, or None for a pixel-space folder."""
-    found = [folder / name for name in AUTOENCODER_FOLDERS if (folder / name / "config.json").is_file()]
-    component = found[0] if found else None
-    if component is None:
-        return None
-    from diffusers import AutoencoderKL, VQModel
+@dataclass(frozen=True)
+class FolderPlan:
+    """What a diffusers folder's configs say, before any weight is read."""
 
-    classes = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
-    kind = _read_json(component / "config.json").get("_class_name") or (
-        "VQModel" if component.name == "vqvae" else "AutoencoderKL")
-    if kind not in classes:
-        raise TeacherError(f"{component}: unsupported autoencoder {kind!r} (VQModel or AutoencoderKL)")
-    raw = _read_json(component / "config.json")
-    vae = _from_pretrained(classes[kind], component)
-    scale, source = decode_scale(raw, kind=kind, filled_in=getattr(vae.config, "scaling_factor", None))
-    return DiffusersAutoencoder(vae, quantized=kind == "VQModel", scaling_factor=scale,
-                                scale_source=source).eval()
+    unet_dir: Path
+    unet_config: dict[str, Any]
+    scheduler: dict[str, Any]
+    settings: DiffusionSettings
+    sample_shape: tuple[int, int, int]  # (C, H, W) of the space the diffusion runs in
+    autoencoder_dir: Path | None
+    latent_scale: LatentScale | None
 
 
-def decode_scale(raw: dict[str, Any], *, kind: str, filled_in: float | None) -> tuple[float, str]:
-    """(scale, why) of an autoencoder, from its raw config file: the key where present; absent,
-    1.0 for a VQModel (LDM's VQ autoencoders were trained unscaled; diffusers would fill in
-    0.18215) and diffusers' default for an AutoencoderKL."""
-    if raw.get("scaling_factor") is not None:
-        return float(raw["scaling_factor"]), "scaling_factor in the config"
-    if kind == "VQModel":
-        return 1.0, "no scaling_factor in the VQModel config: unscaled latents"
-    return float(filled_in or 0.18215), "no scaling_factor in the config: diffusers' default"
+def plan_folder(folder: Path) -> FolderPlan:
+    """Read and check a diffusers folder's configs (see the module docstring for the layouts)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise TeacherError(f"{folder}: no such folder")
+    unet_dir = _unet_dir(folder)
+    config = read_config(unet_dir / "config.json")
+    kind = config.get("_class_name", "UNet2DModel")
+    if kind != "UNet2DModel":
+        raise TeacherError(
+            f"{unet_dir}: {kind} is not supported; dkdm distills unconditional UNet2DModel teachers"
+        )
+    if config.get("time_embedding_type", "positional") != "positional":
+        raise TeacherError(f"{unet_dir}: a {config['time_embedding_type']} time embedding "
+                           "(score-SDE) is not a discrete-time DDPM teacher")
+    if config.get("num_class_embeds") or config.get("class_embed_type"):
+        raise TeacherError(f"{unet_dir}: class-conditional UNets are not supported yet")
+    # UNet2DModel's own defaults where the config is silent (in 3, out 3).
+    in_ch, out_ch = int(config.get("in_channels", 3)), int(config.get("out_channels", 3))
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise TeacherError(f"{unet_dir}: {out_ch} output channels for {in_ch} input channels")
+    ae_dir = autoencoder_folder(folder)
+    scale = None
+    if ae_dir is not None:
+        raw = read_config(ae_dir / "config.json")
+        scale = latent_scale(raw.get("_class_name") or
+                             ("VQModel" if ae_dir.name == "vqvae" else "AutoencoderKL"), raw)
+    scheduler = _scheduler_config(folder)
+    settings = settings_from_scheduler(scheduler, learn_sigma_output=out_ch == 2 * in_ch,
+                                       latent=ae_dir is not None)
+    if settings.learn_sigma and out_ch != 2 * in_ch:
+        raise TeacherError(
+            f"{folder}: the scheduler's variance_type {settings.variance} needs {2 * in_ch} output "
+            f"channels, the UNet has {out_ch}"
+        )
+    size = _sample_size(config.get("sample_size"))
+    return FolderPlan(unet_dir=unet_dir, unet_config=config, scheduler=scheduler, settings=settings,
+                      sample_shape=(in_ch, size, size), autoencoder_dir=ae_dir, latent_scale=scale)
 
 
 def load_diffusers_teacher(
@@ -263,41 +204,18 @@ def load_diffusers_teacher(
     from diffusers import UNet2DModel
 
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise TeacherError(f"{folder}: no such folder")
-    unet_dir = _unet_dir(folder)
-    unet_config = _read_json(unet_dir / "config.json")
-    kind = unet_config.get("_class_name", "UNet2DModel")
-    if kind != "UNet2DModel":
-        raise TeacherError(
-            f"{unet_dir}: {kind} is not supported; dkdm distills unconditional UNet2DModel teachers"
-        )
-    if unet_config.get("time_embedding_type", "positional") != "positional":
-        raise TeacherError(f"{unet_dir}: a {unet_config['time_embedding_type']} time embedding "
-                           "(score-SDE) is not a discrete-time DDPM teacher")
-    if unet_config.get("num_class_embeds") or unet_config.get("class_embed_type"):
-        raise TeacherError(f"{unet_dir}: class-conditional UNets are not supported yet")
-    scheduler = _scheduler_config(folder)
-    unet = _from_pretrained(UNet2DModel, unet_dir)
-    in_ch, out_ch = int(unet.config.in_channels), int(unet.config.out_channels)
-    if out_ch not in (in_ch, 2 * in_ch):
-        raise TeacherError(f"{unet_dir}: {out_ch} output channels for {in_ch} input channels")
-    has_autoencoder = any((folder / n / "config.json").is_file() for n in AUTOENCODER_FOLDERS)
-    settings = settings_from_scheduler(scheduler, learn_sigma_output=out_ch == 2 * in_ch,
-                                       latent=has_autoencoder)
-    if settings.learn_sigma and out_ch != 2 * in_ch:
-        raise TeacherError(
-            f"{folder}: the scheduler's variance_type {settings.variance} needs {2 * in_ch} output "
-            f"channels, the UNet has {out_ch}"
-        )
-    size = _sample_size(unet.config)
-    autoencoder = _load_autoencoder(folder)
+    plan = plan_folder(folder)
+    unet = load_component(UNet2DModel, plan.unet_dir, config=plan.unet_config)
+    autoencoder = load_autoencoder(plan.autoencoder_dir) if plan.autoencoder_dir else None
+    info: dict[str, Any] = {"format": "diffusers", "scheduler": plan.scheduler.get("_class_name"),
+                            "weights": sorted(p.name for p in weight_files(plan.unet_dir)),
+                            "autoencoder": type(autoencoder.vae).__name__ if autoencoder else None}
+    if autoencoder is not None:
+        info.update(decode_scale=autoencoder.scaling_factor, decode_shift=autoencoder.shift_factor,
+                    decode_scale_source=autoencoder.scale.source)
     teacher = Teacher(
-        name=name or folder.name, model=DiffusersUNet(unet), settings=settings,
-        sample_shape=(in_ch, size, size), source=source or str(folder), autoencoder=autoencoder,
-        info={"format": "diffusers", "scheduler": scheduler.get("_class_name"),
-              "autoencoder": type(autoencoder.vae).__name__ if autoencoder else None,
-              "decode_scale": autoencoder.scaling_factor if autoencoder else None,
-              "decode_scale_source": autoencoder.scale_source if autoencoder else None},
+        name=name or folder.name, model=DiffusersUNet(unet), settings=plan.settings,
+        sample_shape=plan.sample_shape, source=source or str(folder), autoencoder=autoencoder,
+        info=info,
     )
     return teacher.to(device)

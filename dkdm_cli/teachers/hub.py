@@ -2,34 +2,60 @@
 own cache with huggingface_hub (its progress bar), then read by the diffusers-folder loader.
 
 Offline behaviour, in order:
-  * offline (DKDM_OFFLINE or HF_HUB_OFFLINE set, see dkdm_cli/_offline.py): the cache only, no
-    network call at all;
+  * dkdm's offline switch (HF_HUB_OFFLINE or DKDM_OFFLINE, any spelling huggingface_hub accepts;
+    see dkdm_cli/_offline.py): the cache only, no network call at all;
   * otherwise a quick reachability check (timeout HF_HUB_ETAG_TIMEOUT, 10 s by default) and, on a
     connection error, the cache only;
   * not cached: OfflineError naming the repo, the cache folder and the alternatives.
+
+What is downloaded: configs, and per component folder (root, unet/, vqvae/, vae/) its
+diffusion_pytorch_model weights, safetensors when the revision has them, else the `.bin` (read
+later with torch.load(weights_only=True)). Never both, never other pipeline parts.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
-from dkdm_cli._offline import is_offline, which
+from dkdm_cli import _offline
 from dkdm_cli.errors import OfflineError, TeacherError
 from dkdm_cli.teachers.base import Teacher
 
-# Only what a diffusers UNet (+ scheduler, + autoencoder) teacher needs: configs and safetensors;
-# a component that has no safetensors then gets its diffusion_pytorch_model.bin (checked to hold
-# only tensors before it is read). Other pipeline parts (text encoders, ...) are never downloaded.
-ALLOW_PATTERNS = [
-    "model_index.json", "config.json", "scheduler_config.json", "diffusion_pytorch_model*.safetensors*",
-    *(f"{part}/*.json" for part in ("unet", "scheduler", "vqvae", "vae")),
-    *(f"{part}/*.safetensors" for part in ("unet", "vqvae", "vae")),
-]
+COMPONENTS = ("", "unet", "vqvae", "vae")  # "" = the repo root (google/ddpm-* layout)
+CONFIG_PATTERNS = ["model_index.json", "config.json", "scheduler_config.json",
+                   *(f"{part}/*.json" for part in ("unet", "scheduler", "vqvae", "vae"))]
+_SAFE = "diffusion_pytorch_model*.safetensors*"
+_BIN = "diffusion_pytorch_model.bin*"
 IGNORE_PATTERNS = ["*.fp16.*", "*non_ema*"]
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _in(part: str, pattern: str) -> str:
+    return f"{part}/{pattern}" if part else pattern
+
+
+def allow_patterns(repo_files: Iterable[str] | None = None) -> list[str]:
+    """What to download. With the revision's file list: per component, safetensors if it has any,
+    else `.bin`. Without it (offline, reading the cache): both, whichever is there."""
+    patterns = list(CONFIG_PATTERNS)
+    files = None if repo_files is None else set(repo_files)
+    for part in COMPONENTS:
+        prefix = f"{part}/" if part else ""
+        names = None if files is None else {f[len(prefix):] for f in files
+                                            if f.startswith(prefix) and "/" not in f[len(prefix):]}
+        if names is None:
+            patterns += [_in(part, _SAFE), _in(part, _BIN)]
+            continue
+        weights = [n for n in names if n.startswith("diffusion_pytorch_model")]
+        if any(".safetensors" in n for n in weights):
+            patterns.append(_in(part, _SAFE))
+        elif weights:
+            patterns.append(_in(part, _BIN))
+    return patterns
 
 
 def parse_repo(spec: str) -> tuple[str, str | None]:
@@ -57,7 +83,7 @@ def repo_cache_folder(repo_id: str) -> Path:
 
 
 def is_hub_cached(repo_id: str, revision: str | None = None) -> bool:
-    """Whether a snapshot of this revision (default main) with safetensors is cached; no network."""
+    """Whether a snapshot of this revision (default main) with weights is cached; no network."""
     folder = repo_cache_folder(repo_id)
     revision = revision or "main"
     commit = revision
@@ -67,7 +93,8 @@ def is_hub_cached(repo_id: str, revision: str | None = None) -> bool:
             return False
         commit = ref.read_text().strip()
     snapshot = folder / "snapshots" / commit
-    return snapshot.is_dir() and any(snapshot.rglob("*.safetensors"))
+    return snapshot.is_dir() and any(p.name.startswith("diffusion_pytorch_model")
+                                     for p in snapshot.rglob("*") if p.is_file() or p.is_symlink())
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -95,19 +122,6 @@ def _offline_error(repo_id: str, revision: str | None, reason: str) -> OfflineEr
     )
 
 
-def bin_patterns(folder: Path) -> list[str]:
-    """`diffusion_pytorch_model.bin` of every component (root, unet/, vqvae/, vae/) that has a
-    config but no safetensors weights in the snapshot."""
-    out = []
-    for sub in ("", "unet", "vqvae", "vae"):
-        component = folder / sub if sub else folder
-        if not (component / "config.json").is_file():
-            continue
-        if not any(component.glob("diffusion_pytorch_model*.safetensors")):
-            out.append(f"{sub}/diffusion_pytorch_model.bin" if sub else "diffusion_pytorch_model.bin")
-    return out
-
-
 def download_snapshot(repo_id: str, revision: str | None = None) -> Path:
     """The local snapshot folder of a hub repo, downloading what is missing when online."""
     from huggingface_hub import HfApi, constants, snapshot_download
@@ -119,13 +133,13 @@ def download_snapshot(repo_id: str, revision: str | None = None) -> Path:
     )
 
     cache = hub_cache_dir()
-    kwargs = dict(repo_id=repo_id, revision=revision, cache_dir=str(cache),
-                  allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS)
-    local_only = is_offline()
-    reason = f"{which()} is set"
+    reason = _offline.offline_reason()
+    local_only, repo_files = reason is not None, None
     if not local_only:
         try:  # fail fast: snapshot_download's own metadata call has no timeout
-            HfApi().repo_info(repo_id, revision=revision, timeout=float(constants.HF_HUB_ETAG_TIMEOUT))
+            info = HfApi().repo_info(repo_id, revision=revision,
+                                     timeout=float(constants.HF_HUB_ETAG_TIMEOUT))
+            repo_files = [s.rfilename for s in (getattr(info, "siblings", None) or [])] or None
         except GatedRepoError as exc:
             raise TeacherError(f"hf:{repo_id} is gated: accept its terms on the hub and "
                                "log in (`hf auth login`)") from exc
@@ -136,14 +150,11 @@ def download_snapshot(repo_id: str, revision: str | None = None) -> Path:
             raise TeacherError(f"hf:{repo_id}: no revision {revision!r} on the hub") from exc
         except _network_errors() as exc:
             local_only, reason = True, f"the hub cannot be reached ({type(exc).__name__})"
+    kwargs = dict(repo_id=repo_id, revision=revision, cache_dir=str(cache),
+                  allow_patterns=allow_patterns(repo_files), ignore_patterns=IGNORE_PATTERNS)
     try:
         path = snapshot_download(local_files_only=local_only, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
                                  **kwargs)
-        bins = bin_patterns(Path(path))
-        if bins:  # published with pickled .bin weights only (the google/ddpm-*, CompVis/ldm-* repos)
-            path = snapshot_download(local_files_only=local_only,
-                                     etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
-                                     **(kwargs | {"allow_patterns": bins}))
     except LocalEntryNotFoundError as exc:
         raise _offline_error(repo_id, revision, reason) from exc
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:

@@ -1,18 +1,41 @@
 """Teachers in dkdm's own formats: a model file (safetensors + JSON metadata) or a run directory
-(yesterday's student is today's teacher). A latent one records its parent teacher in
-`info["autoencoder_from"]`; `spec.load_model` attaches that teacher's autoencoder."""
+(yesterday's student is today's teacher).
+
+A latent student records its teacher in `autoencoder_from`; the autoencoder is that teacher's.
+Resolving an arbitrary teacher spec is teachers/spec.py's job, so the caller passes it in as
+`resolve` (spec.py does): this module never imports upward.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dkdm_cli.diffusion.settings import DiffusionSettings
 from dkdm_cli.errors import TeacherError
 from dkdm_cli.models.io import load_model
-from dkdm_cli.teachers.base import Teacher
+from dkdm_cli.teachers.base import Denoiser
+
+# spec -> the Denoiser it names, on a device (teachers.spec.resolve_teacher).
+Resolver = Callable[..., Denoiser]
 
 
-def load_model_file_teacher(path: Path, *, name: str | None = None, device: str = "cpu") -> Teacher:
+def _attach_autoencoder(denoiser: Denoiser, doc: dict[str, Any], *, device: str,
+                        resolve: Resolver | None) -> Denoiser:
+    """Give a latent student its teacher's autoencoder (named by `autoencoder_from`)."""
+    parent = doc.get("autoencoder_from")
+    if not parent:
+        return denoiser
+    if resolve is None:
+        raise TeacherError(f"{denoiser.source}: a latent model (decoded by {parent}'s autoencoder); "
+                           "load it with dkdm_cli.api.load_student or load_teacher")
+    denoiser.autoencoder = resolve(parent, device=device).autoencoder
+    return denoiser
+
+
+def load_model_file_teacher(path: Path, *, name: str | None = None, device: str = "cpu",
+                            resolve: Resolver | None = None) -> Denoiser:
     """A teacher from a dkdm model file that carries diffusion settings."""
     model, doc = load_model(Path(path), device=device)
     if "diffusion" not in doc:
@@ -20,14 +43,13 @@ def load_model_file_teacher(path: Path, *, name: str | None = None, device: str 
     settings = DiffusionSettings.from_dict(doc["diffusion"])
     kw = doc["model"]["kwargs"]
     shape = (int(kw["in_channels"]), int(kw["image_size"]), int(kw["image_size"]))
-    info = dict(doc.get("teacher", {}))
-    if doc.get("autoencoder_from"):
-        info["autoencoder_from"] = doc["autoencoder_from"]
-    return Teacher(name=name or Path(path).stem, model=model, settings=settings,
-                   sample_shape=shape, source=str(path), info=info)
+    denoiser = Denoiser(name=name or Path(path).stem, model=model, settings=settings,
+                        sample_shape=shape, source=str(path), info=doc.get("teacher", {}))
+    return _attach_autoencoder(denoiser, doc, device=device, resolve=resolve)
 
 
-def load_run_teacher(run_dir: Path, *, ema: bool = True, device: str = "cpu") -> Teacher:
+def load_run_teacher(run_dir: Path, *, ema: bool = True, device: str = "cpu",
+                     resolve: Resolver | None = None) -> Denoiser:
     """A run directory's student (EMA weights by default) as a teacher."""
     from dkdm_cli.checkpoint import student_from_run
 
@@ -35,7 +57,7 @@ def load_run_teacher(run_dir: Path, *, ema: bool = True, device: str = "cpu") ->
     doc = ckpt.doc
     settings = DiffusionSettings.from_dict(doc["diffusion"])
     shape = tuple(int(s) for s in doc["sample_shape"])
-    return Teacher(name=Path(run_dir).name, model=model.to(device), settings=settings,
-                   sample_shape=shape, source=str(run_dir),
-                   info={"step": ckpt.step, "teacher": doc.get("teacher"),
-                         "autoencoder_from": doc.get("autoencoder_from")})
+    denoiser = Denoiser(name=Path(run_dir).name, model=model.to(device), settings=settings,
+                        sample_shape=shape, source=str(run_dir),
+                        info={"step": ckpt.step, "teacher": doc.get("teacher"), "ema": ema})
+    return _attach_autoencoder(denoiser, doc, device=device, resolve=resolve)

@@ -17,8 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from dkdm_cli import _fs
-from dkdm_cli._offline import is_offline, which
+from dkdm_cli import _fs, _offline
 from dkdm_cli.errors import ModelFileError, OfflineError
 from dkdm_cli.teachers.base import Teacher, TeacherEntry
 from dkdm_cli.teachers.registry import register_teacher
@@ -67,8 +66,9 @@ def download_once(url: str, dest: Path, *, sha256: str | None = None) -> Path:
     if dest.is_file():
         verify_file(dest, sha256)
         return dest
-    if is_offline():
-        raise OfflineError(f"{dest.name} is not cached and downloads are disabled (offline: {which()}); "
+    reason = _offline.offline_reason()
+    if reason:
+        raise OfflineError(f"{dest.name} is not cached and dkdm is offline ({reason}); "
                            f"put the file from {url} at {dest}")
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
@@ -101,17 +101,21 @@ def download_once(url: str, dest: Path, *, sha256: str | None = None) -> Path:
 # -- the registered teachers ------------------------------------------------------------------
 
 def _hub_entry(name: str, repo: str, description: str, *, size: int, channels: int,
-               parameters: int | None, latent: bool = False, decode_scale: float | None = None,
-               weights: str = "") -> TeacherEntry:
+               parameters: int | None, latent: bool = False, revision: str | None = None,
+               weights: str = "", decode_scale: float | None = None,
+               decode_note: str = "") -> TeacherEntry:
     from dkdm_cli.teachers.hub import is_hub_cached, load_hub_teacher
 
+    spec = f"{repo}@{revision}" if revision else repo
+
     def load(device: str = "cpu") -> Teacher:
-        return load_hub_teacher(repo, device=device, name=name)
+        return load_hub_teacher(spec, device=device, name=name)
 
     return TeacherEntry(name=name, source=f"hf:{repo}", description=description, image_size=size,
                         channels=channels, parameters=parameters, load=load,
-                        is_cached=partial(is_hub_cached, repo), latent=latent,
-                        decode_scale=decode_scale, weights=weights)
+                        is_cached=partial(is_hub_cached, repo, revision), latent=latent,
+                        revision=revision, weights=weights, decode_scale=decode_scale,
+                        decode_note=decode_note)
 
 
 def _direct_entry(name: str, url: str, arch: str, description: str, *, size: int,
@@ -128,29 +132,32 @@ def _direct_entry(name: str, url: str, arch: str, description: str, *, size: int
 
     is_cached: Callable[[], bool] = lambda: path().is_file()  # noqa: E731
     return TeacherEntry(name=name, source=url, description=description, image_size=size,
-                        channels=3, parameters=parameters, load=load,
-                        is_cached=is_cached)
+                        channels=3, parameters=parameters, load=load, is_cached=is_cached,
+                        weights=".pt state dict read with torch.load(weights_only=True), sha256-checked")
 
 
 IDDPM_CIFAR10_URL = "https://openaipublic.blob.core.windows.net/diffusion/march-2021/cifar10_uncond_50M_500K.pt"
+_PR_SAFETENSORS = ("safetensors from {rev} (the hub's safetensors conversion of main's weights; "
+                   "main has only diffusion_pytorch_model.bin)")
+_BIN_ONLY = ("diffusion_pytorch_model.bin from main (no safetensors known), read with "
+             "torch.load(weights_only=True)")
 
-# Parameter counts are exact: the hub models' UNets rebuilt on the meta device from their real
-# config files (tests/fixtures/hub; ddpm-celebahq's config was not seen, so its count is the
-# published one); the ADM preset's likewise. No revision is pinned: no safetensors revision of
-# these repos is known to us, so their main branch is read, whose weights are pickled .bin files
-# (read with torch.load(weights_only=True) after a check that they hold only tensors).
-_BIN = "diffusion_pytorch_model.bin on main (no safetensors revision known)"
+# Parameter counts are exact: tests rebuild each architecture on the meta device from the hub's
+# own config files (tests/fixtures/hub/) and the ADM preset from its flags.
 for _entry in (
     _hub_entry("ddpm-cifar10", "google/ddpm-cifar10-32",
                "DDPM (Ho et al.) CIFAR-10 32x32, linear T=1000, eps, fixed-large variance",
-               size=32, channels=3, parameters=35_746_307, weights=_BIN),
+               size=32, channels=3, parameters=35_746_307, revision="refs/pr/14",
+               weights=_PR_SAFETENSORS.format(rev="refs/pr/14")),
     _hub_entry("ddpm-celebahq", "google/ddpm-ema-celebahq-256",
                "DDPM (Ho et al.) CelebA-HQ 256x256 (EMA weights), linear T=1000, eps",
-               size=256, channels=3, parameters=114_000_000, weights=_BIN),
+               size=256, channels=3, parameters=113_673_219, weights=_BIN_ONLY),
     _hub_entry("ldm-celebahq", "CompVis/ldm-celebahq-256",
                "LDM-VQ-f4 CelebA-HQ 256x256: 64x64x3 latents, T=1000, eps (the paper's latent teacher)",
-               size=64, channels=3, parameters=274_056_163, latent=True, decode_scale=1.0,
-               weights=_BIN),
+               size=64, channels=3, parameters=274_056_163, latent=True, revision="refs/pr/7",
+               weights=_PR_SAFETENSORS.format(rev="refs/pr/7"), decode_scale=1.0,
+               decode_note="vqvae/config.json has no scaling_factor: LDM's VQ-f4 autoencoder was "
+                           "trained at scale 1 (diffusers' VQModel default 0.18215 would be wrong)"),
     _direct_entry("iddpm-cifar10", IDDPM_CIFAR10_URL, "iddpm-cifar10",
                   "Improved DDPM CIFAR-10 32x32 (cifar10_uncond_50M_500K), cosine T=4000, learned variance",
                   size=32, parameters=52_546_438),

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dkdm_cli.errors import RegistryError, TeacherError
-from dkdm_cli.teachers.base import Teacher
-from dkdm_cli.teachers.registry import TEACHERS
+from dkdm_cli.errors import RegistryError, TeacherError, UserError
+from dkdm_cli.teachers.base import Denoiser
+from dkdm_cli.teachers.registry import TEACHERS  # filled by dkdm_cli/teachers/__init__.py
 
 ADM_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
@@ -53,21 +53,27 @@ def classify(spec: str) -> str:
     if spec.startswith((".", "/", "~")) or Path(spec).suffix:
         raise TeacherError(f"{spec}: no such file or folder")
     try:
-        TEACHERS.resolve(spec)  # not registered (checked above): raises with suggestions
+        TEACHERS.resolve(spec)
     except RegistryError as exc:
         raise TeacherError(f"{exc}. Or give hf:ORG/NAME or a path") from exc
-    raise TeacherError(f"{spec}: not a teacher spec")
+    return "registered"  # pragma: no cover
 
 
 def resolve_teacher(
     spec: str, *, arch: str = "", arch_kwargs: dict | None = None, device: str = "cpu"
-) -> Teacher:
+) -> Denoiser:
     """Load the teacher a spec names, on `device`."""
     kind = classify(spec)
     if kind == "registered":
         return TEACHERS.create(spec).load(device=device)
-    if kind in ("model_file", "run_dir"):
-        return load_model(spec, device=device)
+    if kind == "model_file":
+        from dkdm_cli.teachers.native import load_model_file_teacher
+
+        return load_model_file_teacher(Path(spec), device=device, resolve=resolve_teacher)
+    if kind == "run_dir":
+        from dkdm_cli.teachers.native import load_run_teacher
+
+        return load_run_teacher(Path(spec), device=device, resolve=resolve_teacher)
     if kind == "hub":
         from dkdm_cli.teachers.hub import load_hub_teacher
 
@@ -81,28 +87,33 @@ def resolve_teacher(
     return load_adm_teacher(Path(spec), arch=arch, arch_kwargs=arch_kwargs or {}, device=device)
 
 
-def load_model(spec: str, *, ema: bool = True, device: str = "cpu", students_only: bool = False) -> Teacher:
-    """The one place that decides "run directory, model file or teacher?": a dkdm run directory
-    (its newest checkpoint; EMA weights unless `ema=False`) or model file is loaded as such (a
-    latent one with its parent teacher's autoencoder); anything else is resolved as a teacher
-    spec, unless `students_only`."""
-    from dkdm_cli.teachers.native import load_model_file_teacher, load_run_teacher
+STUDENT_KINDS = ("run_dir", "model_file")
 
-    path = Path(spec).expanduser()
+
+def load_denoiser(spec: str | Path, *, ema: bool = True, device: str = "cpu",
+                  students_only: bool = False) -> Denoiser:
+    """The one answer to "run directory, model file or teacher?" (api, `dkdm sample`, `dkdm eval`).
+
+    An existing run directory gives its latest student (EMA weights unless `ema=False`); a dkdm
+    model file its one set of weights; anything else is a teacher spec (`resolve_teacher`), unless
+    `students_only`, which accepts only the first two.
+    """
+    text = str(spec)
+    path = Path(text).expanduser()
     kind = classify(str(path)) if path.exists() else None
+    if students_only and kind not in STUDENT_KINDS:
+        raise TeacherError(f"{path}: no such run directory or model file" if kind is None else
+                           f"{path}: not a dkdm run directory or exported model file (.safetensors)")
+    if not ema and kind != "run_dir":
+        raise UserError(f"{text}: --no-ema applies to run directories; an exported model or a "
+                        "teacher holds one set of weights (choose at export time with "
+                        "dkdm export --no-ema)")
     if kind == "run_dir":
-        model = load_run_teacher(path, ema=ema, device=device)
-    elif kind == "model_file":
-        model = load_model_file_teacher(path, device=device)
-    elif students_only:
-        if not path.exists():
-            raise TeacherError(f"{spec}: no such run directory or model file")
-        raise TeacherError(f"{spec}: not a dkdm run directory or exported model file (.safetensors)")
-    else:
-        if not ema:
-            raise TeacherError("--no-ema applies to a run directory")
-        return resolve_teacher(spec, device=device)
-    parent = model.info.get("autoencoder_from")
-    if parent:  # a latent student decodes with its teacher's autoencoder
-        model.autoencoder = resolve_teacher(parent, device=device).autoencoder
-    return model
+        from dkdm_cli.teachers.native import load_run_teacher
+
+        return load_run_teacher(path, ema=ema, device=device, resolve=resolve_teacher)
+    if kind == "model_file":
+        from dkdm_cli.teachers.native import load_model_file_teacher
+
+        return load_model_file_teacher(path, device=device, resolve=resolve_teacher)
+    return resolve_teacher(text, device=device)
