@@ -43,10 +43,14 @@ class Registry(Generic[T]):
             return name
         if name in self._aliases:
             return self._aliases[name]
+        raise self.unknown(name)
+
+    def unknown(self, name: str) -> RegistryError:
+        """The error for a name that is not registered, with suggestions."""
         known = sorted(self._factories) + sorted(self._aliases)
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise RegistryError(
+        return RegistryError(
             f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._factories))}"
         )
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dkdm_cli.diffusion.gaussian import GaussianDiffusion, Prediction, VarianceType
-from dkdm_cli.distill.objective import dkdm_loss, vlb_weight
+from dkdm_cli.distill.objective import dkdm_loss, hybrid_loss, training_target, vlb_weight
 from dkdm_cli.distill.pool import StatePool, init_pool, pool_size
 
 
@@ -124,7 +124,8 @@ def test_init_reaches_start_steps_at_the_stated_cost(init):
         # every call is one ancestral step at a single t, from T-1 downwards
         assert all(len(set(s.tolist())) == 1 for s in seen)
     else:
-        assert pool.teacher_sample_steps == int(steps_needed.clamp(max=k).sum())
+        # ceil(k (T-1-t) / (T-1)) steps each: one step size for every state
+        assert pool.teacher_sample_steps == sum(-(-k * s // (T - 1)) for s in steps_needed.tolist())
     assert pool.t.min() >= 0 and pool.t.max() <= T - 1
     assert len(set(pool.t.tolist())) > T // 2  # start steps are spread over 0..T-1
     assert torch.isfinite(pool.x).all()
@@ -162,27 +163,53 @@ def test_precomputed_teacher_step_gives_the_same_loss():
     assert torch.allclose(a.loss, a.per_sample.mean())
 
 
-@pytest.mark.parametrize("prediction", list(Prediction))
-def test_hybrid_loss_fits_the_teachers_prediction_type(prediction):
-    from dkdm_cli.distill.objective import hybrid_loss
+# ---- hybrid_loss fits the prediction type's target (issue 12, 2b) ---------------------------
 
-    betas = np.linspace(0.1, 0.4, 4)
-    diffusion = GaussianDiffusion(betas, prediction=prediction, variance=VarianceType.FIXED_SMALL)
-    gen = torch.Generator().manual_seed(0)
-    x0, noise = torch.randn(5, 1, 2, 2, generator=gen), torch.randn(5, 1, 2, 2, generator=gen)
-    t = torch.tensor([0, 1, 2, 3, 1])
-    x_t = diffusion.q_sample(x0, t, noise)
-    abar = torch.as_tensor(np.cumprod(1 - betas), dtype=torch.float32)[t].view(-1, 1, 1, 1)
-    right = {Prediction.EPSILON: noise, Prediction.SAMPLE: x0,
-             Prediction.V: abar.sqrt() * noise - (1 - abar).sqrt() * x0}[prediction]
-    exact = hybrid_loss(diffusion, model_out=right, x0=x0, x_t=x_t, t=t, noise=noise)
-    assert exact.loss.item() < 1e-10
-    # The model's output is consistent: its implied eps is the noise, its x_0 the data.
-    eps, x0_hat = diffusion.eps_and_x0(right, x_t=x_t, t=t)
-    assert torch.allclose(eps, noise, atol=1e-5) and torch.allclose(x0_hat, x0, atol=1e-5)
-    if prediction is not Prediction.EPSILON:  # fitting eps would now be wrong
-        wrong = hybrid_loss(diffusion, model_out=noise, x0=x0, x_t=x_t, t=t, noise=noise)
-        assert wrong.loss.item() > 0.01
+
+def _noised(prediction, variance=VarianceType.FIXED_SMALL):
+    diffusion = GaussianDiffusion(np.linspace(0.05, 0.4, 6), prediction=prediction, variance=variance)
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.rand(4, 2, 3, 3, generator=gen) * 2 - 1  # (B, C, H, W)
+    noise = torch.randn(4, 2, 3, 3, generator=gen)
+    t = torch.tensor([0, 2, 4, 5])
+    return diffusion, x0, noise, t, diffusion.q_sample(x0, t, noise)
+
+
+@pytest.mark.parametrize("prediction", [Prediction.V, Prediction.SAMPLE])
+def test_hybrid_loss_is_zero_only_at_the_prediction_types_target(prediction):
+    diffusion, x0, noise, t, x_t = _noised(prediction)
+    abar = diffusion.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+    # Written out by hand: v = sqrt(abar) eps - sqrt(1 - abar) x0; x0-prediction outputs x0.
+    right = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if prediction is Prediction.V else x0
+    terms = hybrid_loss(diffusion, model_out=right, x0=x0, x_t=x_t, t=t, noise=noise)
+    assert terms.kl is None and terms.mse.abs().max().item() < 1e-12
+    # The old behaviour (fit the noise) is now a wrong answer with a clearly non-zero loss.
+    wrong = hybrid_loss(diffusion, model_out=noise, x0=x0, x_t=x_t, t=t, noise=noise)
+    assert (wrong.mse > 0.01).all()
+    # And the target is the one the process decodes back to the true eps and x0.
+    eps, x0_back = diffusion.eps_and_x0(right, x_t=x_t, t=t)
+    assert torch.allclose(eps, noise, atol=1e-5) and torch.allclose(x0_back, x0, atol=1e-5)
+
+
+def test_hybrid_loss_for_eps_prediction_is_unchanged():
+    diffusion, x0, noise, t, x_t = _noised(Prediction.EPSILON)
+    assert hybrid_loss(diffusion, model_out=noise, x0=x0, x_t=x_t, t=t, noise=noise).loss.item() == 0
+    assert hybrid_loss(diffusion, model_out=x0, x0=x0, x_t=x_t, t=t, noise=noise).loss.item() > 0.01
+
+
+@pytest.mark.parametrize("prediction", [Prediction.V, Prediction.SAMPLE])
+def test_hybrid_loss_kl_uses_the_prediction_type(prediction):
+    """With learned variance, the KL's mean comes from the (stop-gradient) prediction decoded by
+    its own type: the exact target and the posterior's own variance give a zero KL for t > 0."""
+    diffusion, x0, noise, t, x_t = _noised(prediction, VarianceType.LEARNED_RANGE)
+    right = training_target(diffusion, x0=x0, noise=noise, t=t)
+    var = -torch.ones_like(right)  # learned range at v = -1: exactly the posterior variance
+    out = torch.cat([right, var], dim=1).requires_grad_(True)
+    terms = hybrid_loss(diffusion, model_out=out, x0=x0, x_t=x_t, t=t, noise=noise)
+    assert terms.mse.abs().max().item() < 1e-12
+    assert terms.kl[t > 0].abs().max().item() < 1e-5
+    terms.loss.backward()
+    assert torch.isfinite(out.grad).all()
 
 
 @pytest.mark.parametrize("prediction", ["v_prediction", "sample"])

@@ -1,109 +1,133 @@
-"""The pool start-up lands on the teacher chain's marginals, at the cost it states.
-
-The toy teacher is exact for Gaussian data x_0 ~ N(0, s^2 I): E[eps | x_t] is linear in x_t and
-it outputs the true reverse variance (beta~_t + coef1^2 Var(x_0 | x_t)), so its ancestral chain is
-the exact reverse process and the marginal is known in closed form, Var(x_t) = abar s^2 + 1 - abar.
-"""
+"""Pool start-up (issue 12): stratified start steps, an exact cost count, and states that land on
+the right marginals, checked on Gaussian data where the teacher's eps is known in closed form."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from dkdm_cli.diffusion.gaussian import GaussianDiffusion, VarianceType
-from dkdm_cli.distill.pool import chain_assignment, chains_cost, init_pool, mean_init_steps
+from dkdm_cli.config import DistillConfig
+from dkdm_cli.diffusion.gaussian import GaussianDiffusion, VarianceType, _extract
+from dkdm_cli.diffusion.schedules import cosine_betas
+from dkdm_cli.distill.pool import (
+    StatePool,
+    StepAllocation,
+    expected_init_steps,
+    fill_pool,
+    init_pool,
+    start_steps,
+)
 
-T, S, D = 60, 0.3, 64
-
-
-def _toy():
-    betas = np.linspace(1e-3, 0.12, T)
-    diffusion = GaussianDiffusion(betas, variance=VarianceType.LEARNED)
-    abar = np.cumprod(1 - betas)
-    abar_prev = np.append(1.0, abar[:-1])
-    var_x0 = S**2 * (1 - abar) / (abar * S**2 + 1 - abar)  # Var(x_0 | x_t)
-    coef1 = np.sqrt(abar_prev) * betas / (1 - abar)
-    log_var = torch.as_tensor(np.log(betas * (1 - abar_prev) / (1 - abar) + coef1**2 * var_x0))
-    a_t = torch.as_tensor(abar)
-
-    def teacher_fn(x, t):  # the exact posterior-mean eps and the exact reverse variance
-        a = a_t.to(x.dtype)[t].view(-1, 1, 1, 1)
-        eps = (1 - a).sqrt() / (a * S**2 + 1 - a) * x
-        return torch.cat([eps, log_var.to(x.dtype)[t].view(-1, 1, 1, 1).expand_as(x)], dim=1)
-
-    return diffusion, teacher_fn, a_t
+COSINE = GaussianDiffusion(cosine_betas(1000), variance=VarianceType.FIXED_SMALL)
 
 
-def _pool(init: str, *, size: int = 3000, seed: int = 0, calls: list | None = None):
-    diffusion, teacher_fn, _ = _toy()
+def _gaussian_eps(diffusion: GaussianDiffusion, s2: float):
+    """The exact eps-prediction for data N(0, s2 I): E[eps | x_t] = sqrt(1 - a) x_t / (a s2 + 1 - a)."""
 
-    def counted(x, t):
-        if calls is not None:
-            calls.append(len(x))
-        return teacher_fn(x, t)
+    def eps(x, t):
+        a = _extract(diffusion.alphas_cumprod, t, x)
+        return (1 - a).sqrt() * x / (a * s2 + 1 - a)
 
-    return init_pool(size=size, shape=(1, 8, 8), diffusion=diffusion, teacher_fn=counted,
-                     mode="dynamic", init=init, init_steps=3, chunk=512, clip_denoised=False,
-                     device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed),
-                     chain_states=10)
+    return eps
 
 
-def _variance_error(pool, lo: int, hi: int) -> float:
-    """Relative error of mean ||x_t||^2 / D against the closed-form marginal, for t in [lo, hi]."""
-    _, _, abar = _toy()
-    sel = (pool.t >= lo) & (pool.t <= hi)
-    x, t = pool.x[sel].double(), pool.t[sel]
-    got = x.pow(2).flatten(1).mean(1).mean()
-    want = (abar[t] * S**2 + 1 - abar[t]).mean()
-    return float(got / want - 1)
+@pytest.mark.parametrize("size,T", [(7, 20), (20, 20), (45, 20), (1000, 30), (3, 1)])
+def test_start_steps_are_stratified_and_random_in_order(size, T):
+    t = start_steps(size, num_timesteps=T, generator=torch.Generator().manual_seed(0), device="cpu")
+    assert t.shape == (size,) and t.min() >= 0 and t.max() <= T - 1
+    assert sorted(t.tolist()) == [((2 * i + 1) * T) // (2 * size) for i in range(size)]
+    counts = torch.bincount(t, minlength=T)
+    if size >= T:  # every step held, as evenly as possible
+        assert counts.min() >= size // T and counts.max() <= -(-size // T)
+    else:  # distinct steps
+        assert counts.max() == 1
+    assert t.tolist() != sorted(t.tolist()) or len(set(t.tolist())) < 3  # in random order
+    again = start_steps(size, num_timesteps=T, generator=torch.Generator().manual_seed(1), device="cpu")
+    assert sorted(again.tolist()) == sorted(t.tolist())  # the multiset depends only on (N, T)
 
 
-@pytest.mark.parametrize("lo,hi", [(2, 12), (20, 30), (40, 50)])
-def test_chains_land_on_the_marginal_where_few_ddim_jumps_do_not(lo, hi):
-    chains, fast = _pool("chains"), _pool("fast")
-    assert abs(_variance_error(chains, lo, hi)) < 0.05
-    if lo < 20:  # three deterministic jumps lose the spread at low t
-        assert _variance_error(fast, lo, hi) < -0.15
+@pytest.mark.parametrize("init,k", [("fast", 4), ("fast", 30), ("exact", 4)])
+@pytest.mark.parametrize("mode,size", [("dynamic", 37), ("dynamic", 8), ("shuffle", 5), ("basic", 6)])
+def test_teacher_forwards_equal_expected_init_steps(init, k, mode, size):
+    T = 25
+    diffusion = GaussianDiffusion(cosine_betas(T), variance=VarianceType.FIXED_SMALL)
+    calls = []
 
-
-def test_exact_and_chains_agree():
-    exact, chains = _pool("exact", size=1500), _pool("chains", size=1500, seed=1)
-    for lo, hi in ((2, 20), (21, 40), (41, 58)):
-        assert abs(_variance_error(exact, lo, hi) - _variance_error(chains, lo, hi)) < 0.06
-
-
-@pytest.mark.parametrize("init", ["chains", "exact", "fast"])
-def test_start_up_costs_what_it_says(init):
-    calls: list[int] = []
-    totals: list[int] = []
-    diffusion, teacher_fn, _ = _toy()
-
-    def counted(x, t):
+    def teacher(x, t):
         calls.append(len(x))
-        return teacher_fn(x, t)
+        return _gaussian_eps(diffusion, 0.5)(x, t)
 
-    pool = init_pool(size=400, shape=(1, 2, 2), diffusion=diffusion, teacher_fn=counted,
-                     mode="dynamic", init=init, init_steps=3, chunk=64, clip_denoised=False,
-                     device=torch.device("cpu"), generator=torch.Generator().manual_seed(3),
-                     chain_states=10, on_total=totals.append)
-    assert sum(calls) == pool.teacher_sample_steps == totals[0]
-    if init == "chains":
-        assert totals[0] == chains_cost(pool.t, chain_assignment(pool.t, 10), T)
-        assert sum(calls) < 400 * (T - 1) / 2 / 4  # several times cheaper than exact
-    expected = mean_init_steps(size=400, num_timesteps=T, init=init, init_steps=3, mode="dynamic",
-                               chain_states=10)
-    assert sum(calls) == pytest.approx(expected, rel=0.1)
+    pool = init_pool(size=size, shape=(1, 2, 2), diffusion=diffusion, teacher_fn=teacher, mode=mode,
+                     init=init, init_steps=k, chunk=16, clip_denoised=True, device=torch.device("cpu"),
+                     generator=torch.Generator().manual_seed(0))
+    expected = expected_init_steps(size=size, num_timesteps=T, init=init, init_steps=k, mode=mode)
+    assert sum(calls) == pool.teacher_sample_steps == expected
+    if mode != "basic":  # the cost rule, by hand: T-1-t for exact, ceil(k (T-1-t) / (T-1)) for fast
+        spans = (T - 1 - pool.t).tolist()
+        per_state = spans if init == "exact" else [min(s, math.ceil(k * s / (T - 1))) for s in spans]
+        assert expected == sum(per_state)
 
 
-def test_each_chain_spreads_over_the_steps_and_no_state_is_a_copy():
-    t = torch.randint(0, 1000, (6400,), generator=torch.Generator().manual_seed(0))
-    chain = chain_assignment(t, 25)
-    assert int(chain.max()) + 1 == 256
-    for c in range(0, 256, 51):
-        steps = t[chain == c]
-        assert len(steps) == 25 and len(set(steps.tolist())) == 25
-        assert steps.min() < 100 and steps.max() > 900
-    pool = _pool("chains", size=3000)
-    flat = pool.x.flatten(1)
-    assert len(torch.unique(flat, dim=0)) == len(flat)
+def _states_at(t_value: int, *, order: int, k: int, s2: float, allocation: StepAllocation,
+               n: int = 64, dim: int = 16):
+    """States at step t_value brought down from noise z at T-1 by the fast start-up."""
+    z = torch.randn(n, 1, 1, dim, generator=torch.Generator().manual_seed(t_value))
+    pool = StatePool(z.clone(), torch.full((n,), t_value), num_timesteps=COSINE.num_timesteps,
+                     generator=torch.Generator().manual_seed(0))
+    fill_pool(pool, diffusion=COSINE, teacher_fn=_gaussian_eps(COSINE, s2), init="fast", init_steps=k,
+              chunk=n, clip_denoised=False, order=order, allocation=allocation)
+    return z, pool.x
+
+
+def _variance_error(t_value: int, *, order: int, k: int, s2: float,
+                    allocation: StepAllocation = StepAllocation.PROPORTIONAL) -> float:
+    """Relative error of the start-up's per-dimension variance at t against a_t s2 + 1 - a_t.
+
+    The teacher is linear, so every state is c * z for one scalar c: the ratio of second moments
+    (x over z) is c^2 exactly, without sampling error, and x's variance is c^2 Var(z), Var(z) =
+    the marginal at T-1 (which is 1 to within 3e-9)."""
+    z, x = _states_at(t_value, order=order, k=k, s2=s2, allocation=allocation)
+    ratio = float(x.double().pow(2).mean() / z.double().pow(2).mean())
+    a = float(COSINE.alphas_cumprod[t_value])
+    a_top = float(COSINE.alphas_cumprod[-1])
+    return ratio * (a_top * s2 + 1 - a_top) / (a * s2 + 1 - a) - 1
+
+
+@pytest.mark.parametrize("s2", [0.25, 1.0])
+def test_default_fast_start_up_lands_on_the_marginal(s2):
+    d = DistillConfig()
+    assert d.init == "fast"
+    for t in (50, 150, 400, 800):
+        err = _variance_error(t, order=2, k=d.init_steps, s2=s2)
+        assert abs(err) < 0.03, (t, err)
+
+
+def test_old_ddim_start_up_misses_the_marginal():
+    """The previous default (8 DDIM jumps) shrinks the spread: the check above catches it."""
+    errors = {t: _variance_error(t, order=1, k=8, s2=0.25, allocation=StepAllocation.EQUAL)
+              for t in (50, 150, 400, 800)}
+    assert errors[50] < -0.2 and errors[150] < -0.1  # 26 % and 16 % short
+    assert max(abs(e) for e in errors.values()) > 0.03
+
+
+def test_fast_start_up_with_one_step_per_jump_is_the_exact_ode_path():
+    """With k >= T-1-t every jump is one step; DDIM (order 1) and 2M agree to O(h^2) per step, and
+    both reproduce the closed-form probability-flow path x_t = sqrt(v_t / v_{T-1}) z."""
+    T = 40
+    diffusion = GaussianDiffusion(cosine_betas(T), variance=VarianceType.FIXED_SMALL)
+    s2, n = 0.5, 8
+    z = torch.randn(n, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = {}
+    for order in (1, 2):
+        pool = StatePool(z.clone(), torch.full((n,), 5), num_timesteps=T, generator=torch.Generator())
+        fill_pool(pool, diffusion=diffusion, teacher_fn=_gaussian_eps(diffusion, s2), init="fast",
+                  init_steps=T, chunk=n, clip_denoised=False, order=order)
+        assert pool.teacher_sample_steps == n * (T - 1 - 5)
+        out[order] = pool.x
+    a, a_top = diffusion.alphas_cumprod[5], diffusion.alphas_cumprod[-1]
+    exact = z * np.sqrt(float((a * s2 + 1 - a) / (a_top * s2 + 1 - a_top)))
+    assert torch.allclose(out[2], exact, rtol=5e-3)
+    assert (out[2] - exact).abs().max() < (out[1] - exact).abs().max()  # 2M is the better solver

@@ -11,7 +11,10 @@ train on one L_t per sample, so vlb_weight = lambda * T (= 1.0 at T = 1000, whic
 improved-diffusion's hybrid-loss weighting).
 
 `hybrid_loss` is the standard data-driven objective (noising real or synthetic x_0), used to
-train the built-in teacher and by the `synthetic` baseline.
+train the built-in teacher and by the `synthetic` baseline. Its L_simple fits the model's first C
+channels to what the process's prediction type names (`training_target`): the noise for eps-,
+x_0 for x_0- and v for v-prediction, so a student built with its teacher's prediction type learns
+that teacher's parameterisation.
 """
 
 from __future__ import annotations
@@ -82,17 +85,20 @@ def dkdm_loss(
     return LossTerms(loss=per_sample.mean(), per_sample=per_sample, mse=mse, kl=kl)
 
 
-def prediction_target(diffusion: GaussianDiffusion, *, x0: torch.Tensor, t: torch.Tensor,
-                      noise: torch.Tensor) -> torch.Tensor:
-    """What a model of this prediction type should output at x_t = q_sample(x0, t, noise):
-    eps, x_0, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0. (B, C, H, W)"""
+def training_target(diffusion: GaussianDiffusion, *, x0: torch.Tensor, noise: torch.Tensor,
+                    t: torch.Tensor) -> torch.Tensor:
+    """What the model's first C channels should output for x_t = q_sample(x0, t, noise) (B, C, H, W).
+
+    eps-prediction: eps; x_0-prediction: x_0; v-prediction: v = sqrt(alpha_bar_t) eps -
+    sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022), the inverse of `GaussianDiffusion.eps_and_x0`.
+    """
     if diffusion.prediction is Prediction.EPSILON:
         return noise
     if diffusion.prediction is Prediction.SAMPLE:
         return x0
-    a = _extract(diffusion.sqrt_alphas_cumprod, t, x0)
+    a = _extract(diffusion.sqrt_alphas_cumprod, t, x0)  # (B, 1, 1, 1)
     s = _extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x0)
-    return a * noise - s * x0
+    return a * noise - s * x0  # (B, C, H, W)
 
 
 def hybrid_loss(
@@ -105,12 +111,15 @@ def hybrid_loss(
     noise: torch.Tensor,
     lam: float = 0.001,
 ) -> LossTerms:
-    """improved-diffusion's L_hybrid = L_simple + lambda * L_vlb on data x0 (B, C, H, W). The
-    first C channels are fitted to what the process's prediction type says (eps, x_0 or v)."""
+    """improved-diffusion's L_hybrid = L_simple + lambda * L_vlb on data x0 (B, C, H, W).
+
+    L_simple = mean || target - pred ||^2 with the target of the process's prediction type
+    (`training_target`); the KL sees the prediction under stop-gradient, as in `dkdm_loss`.
+    """
     c = x0.shape[1]
     model_out = model_out.float()
-    pred = model_out[:, :c]
-    target = prediction_target(diffusion, x0=x0, t=t, noise=noise)
+    pred = model_out[:, :c]  # (B, C, H, W): eps, x_0 or v
+    target = training_target(diffusion, x0=x0.float(), noise=noise.float(), t=t)
     mse = mean_flat((target - pred) ** 2)  # (B,)
     if model_out.shape[1] != 2 * c:
         return LossTerms(loss=mse.mean(), per_sample=mse, mse=mse, kl=None)

@@ -5,18 +5,23 @@ uniformly, the teacher takes ONE reverse step on those states (the same forward 
 target), the student trains on them, and the new states are written back; a state that steps
 past t = 0 restarts from fresh N(0, I) noise at t = T-1.
 
-Start-up ("shuffle denoise") gives every state a start step t_i uniform over 0..T-1, and must
-put x at t_i on the marginal of the teacher's own chain there, q_T(x_t):
-- exact: one ancestral chain per state, from T-1 down to t_i (sum_i (T-1-t_i) ~ N*T/2 teacher
-  sample-steps; the paper's and reference code's method);
-- chains (default): ceil(N/K) ancestral chains, each handing K states to the pool on its way
-  down. Every state is a draw of the exact chain at its step, so the marginals are exact; states
-  of one chain are correlated with each other (K of N, at start steps spread over 0..T-1, so a
-  batch of b rarely holds two). Cost ~ (N/K)*T*(1 - 1/(2K)), K/2 times cheaper than exact;
-- fast: a DDIM (eta = 0) chain from T-1 to t_i in at most k jumps (<= N*k sample-steps). Biased:
-  few deterministic jumps land short of the marginal's spread (its variance falls short the more
-  the lower t is; docs/benchmarks.md), and the bias stays: a state moves one step every
-  N/b iterations, so most never reach t = 0 in a run and restart.
+Start-up ("shuffle denoise") gives the states start steps spread evenly over 0..T-1 (stratified,
+in random order) and brings each from N(0, I) at T-1 down to its step:
+- exact: the teacher's ancestral chain (sum_i (T-1-t_i) ~ N*T/2 teacher sample-steps; the
+  paper's and reference code's method): each state is a draw from the chain's marginal at t_i;
+- fast: the probability-flow ODE with DPM-Solver++(2M), ceil(k (T-1-t_i) / (T-1)) teacher steps
+  per state (~N*k/2), all of one size ~(T-1)/k. With an exact teacher its states follow the same
+  marginals; at k = 48 they are within 1.2 % on Gaussian data at every t >= 20 and within the
+  measurement noise of the exact chain on the digits teacher (docs/benchmarks.md). The previous
+  fast start-up, 8 DDIM jumps, held the x_0 prediction (a posterior mean) fixed over each long
+  jump and so pulled states toward the mean: 26 % too little variance at t = 50 on that data.
+
+Why the start-up must be right: a state is an exact chain state only after it has passed t = 0
+and restarted from noise, and it moves one step every rho*T iterations on average, so a state
+starting at t needs about (t + 1) rho T iterations to get there. With the defaults (rho 0.1,
+1,500 iterations) that is only states starting below t ~ 15 (about 2 % of the pool); at the
+paper's setting (rho 0.4, 200k iterations) states starting above t ~ 500 never restart. For most
+of a run the student trains on the start-up's states, stepped by the teacher.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
@@ -98,118 +104,150 @@ def teacher_step(teacher_fn: TeacherFn, diffusion: GaussianDiffusion, *, x: torc
         return StepResult(out, step, diffusion.ancestral_step(step, x_t=x, t=t, noise=noise))
 
 
-def _fast_chunk(teacher_fn, diffusion, pool: StatePool, idx: torch.Tensor, k: int, clip: bool,
-                tick) -> None:
+def _exact_chunk(teacher_fn, diffusion, pool: StatePool, idx: torch.Tensor, clip: bool, tick) -> None:
     x = pool.x[idx]  # (n, C, H, W), all at T-1
     target = pool.t[idx]  # (n,)
+    cur = diffusion.num_timesteps - 1
+    while True:
+        active = target < cur  # states still above their start step
+        if not bool(active.any()):
+            break
+        a_idx = active.nonzero().squeeze(1)
+        xa = x[a_idx]
+        t = torch.full((len(a_idx),), cur, device=x.device, dtype=torch.long)
+        x[a_idx] = teacher_step(teacher_fn, diffusion, x=xa, t=t, noise=pool.randn(xa.shape),
+                                clip_denoised=clip).x_next
+        pool.teacher_sample_steps += len(a_idx)
+        tick(len(a_idx))
+        cur -= 1
+    pool.x[idx] = x
+
+
+def start_steps(size: int, *, num_timesteps: int, generator: torch.Generator,
+                device: torch.device) -> torch.Tensor:
+    """Start steps (size,) spread evenly over 0..T-1 (stratified), in random order.
+
+    Stratified rather than i.i.d. uniform: the pool's histogram over t is flat from the start, and
+    the multiset of steps depends only on (size, T), so the start-up's cost is known in advance.
+    """
+    t = _stratified_steps(size, num_timesteps=num_timesteps, device=device)  # (N,)
+    return t[torch.randperm(size, generator=generator, device=device)]
+
+
+def _stratified_steps(size: int, *, num_timesteps: int, device=None) -> torch.Tensor:
+    """t_i = floor((i + 1/2) T / N) for i < N, in integer arithmetic: (N,) in 0..T-1, ascending."""
+    i = torch.arange(size, device=device, dtype=torch.long)
+    return ((2 * i + 1) * num_timesteps) // (2 * size)
+
+
+def _log_snr_half(diffusion: GaussianDiffusion) -> torch.Tensor:
+    """lambda_t = log(alpha_t / sigma_t) = 0.5 * log(alpha_bar_t / (1 - alpha_bar_t)), (T,) float64."""
+    abar = diffusion.alphas_cumprod
+    return 0.5 * (torch.log(abar) - torch.log1p(-abar))
+
+
+class StepAllocation(str, Enum):
+    """How many of the fast start-up's k teacher steps a state starting at t takes."""
+
+    PROPORTIONAL = "proportional"  # ceil(k (T-1-t) / (T-1)): one step size, ~(T-1)/k, for all
+    EQUAL = "equal"  # min(k, T-1-t): every state k steps (the previous start-up's rule)
+
+
+def fast_jumps(span: torch.Tensor, *, k: int, num_timesteps: int,
+               allocation: StepAllocation = StepAllocation.PROPORTIONAL) -> torch.Tensor:
+    """Teacher steps (N,) the fast start-up takes for states `span` = T-1-t (N,) steps from T-1."""
+    if allocation is StepAllocation.EQUAL:
+        return span.clamp(max=k)
+    top = max(num_timesteps - 1, 1)
+    return torch.minimum((span * k + top - 1) // top, span)  # ceil(k span / (T-1)), at most span
+
+
+def _solver_chunk(teacher_fn, diffusion, pool: StatePool, idx: torch.Tensor, k: int, clip: bool,
+                  tick, order: int, allocation: StepAllocation) -> None:
+    """Probability-flow ODE from T-1 to each state's start step in `fast_jumps` teacher steps.
+
+    order 2 is DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep): the x_0 prediction is
+    extrapolated linearly in lambda from the previous step's; order 1 is DDIM (eta = 0), which
+    holds the posterior mean x_0_hat fixed over each jump and so shrinks the states' spread.
+    """
+    x = pool.x[idx]  # (n, C, H, W), all at T-1
     top = diffusion.num_timesteps - 1
-    jumps = torch.clamp(top - target, max=k)  # (n,) DDIM jumps per state
-    span = (top - target).double()
+    span = top - pool.t[idx]  # (n,)
+    jumps = fast_jumps(span, k=k, num_timesteps=top + 1, allocation=allocation)  # (n,) per state
+    lam = _log_snr_half(diffusion).to(x.device)  # (T,)
+    x0_prev = torch.zeros_like(x)  # (n, C, H, W): previous step's x_0 prediction
+    h_prev = torch.zeros(len(idx), dtype=torch.float64, device=x.device)  # (n,)
     for j in range(int(jumps.max().item()) if len(jumps) else 0):
         active = (jumps > j).nonzero().squeeze(1)
-        ja = jumps[active].double()
-        s = (top - torch.round(span[active] * j / ja)).long()  # current step
-        s_next = (top - torch.round(span[active] * (j + 1) / ja)).long()  # next step (>= target)
+        ja, sa = jumps[active], span[active]
+        s = top - (sa * j) // ja  # (a,) current step; integer maths, strictly decreasing in j
+        s_next = top - (sa * (j + 1)) // ja  # (a,) next step, the start step at j = ja - 1
         xa = x[active]
         with torch.no_grad():
             out = teacher_fn(xa, s)
-            step = diffusion.p_mean_variance(out, x_t=xa, t=s, clip_denoised=clip)
-        abar_next = _extract(diffusion.alphas_cumprod, s_next, xa)
-        # DDIM, eta = 0, from step s straight to s_next: x = sqrt(abar') x0 + sqrt(1 - abar') eps.
-        x[active] = abar_next.sqrt() * step.pred_x0 + (1 - abar_next).sqrt() * step.eps
+            x0 = diffusion.p_mean_variance(out, x_t=xa, t=s, clip_denoised=clip).pred_x0
+        h = lam[s_next] - lam[s]  # (a,) step in lambda
+        d = x0
+        if order == 2 and j > 0:
+            # D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}, r = h_{i-1} / h_i
+            w = (h / (2 * h_prev[active])).to(x.dtype).reshape(-1, 1, 1, 1)
+            d = (1 + w) * x0 - w * x0_prev[active]
+        sigma_ratio = _extract(diffusion.sqrt_one_minus_alphas_cumprod, s_next, xa) / _extract(
+            diffusion.sqrt_one_minus_alphas_cumprod, s, xa)
+        # x_{s'} = (sigma_{s'} / sigma_s) x_s + alpha_{s'} (1 - e^{-h}) D
+        coef = (diffusion.sqrt_alphas_cumprod.to(x.device)[s_next] * -torch.expm1(-h)).to(x.dtype)
+        x[active] = sigma_ratio * xa + coef.reshape(-1, 1, 1, 1) * d
+        x0_prev[active], h_prev[active] = x0, h
         pool.teacher_sample_steps += len(active)
         tick(len(active))
     pool.x[idx] = x
 
 
-def chain_assignment(t: torch.Tensor, per_chain: int) -> torch.Tensor:
-    """The chain of each state (N,) for the `chains` start-up: states sorted by start step are
-    dealt round-robin to ceil(N/K) chains, so each chain's K start steps spread over 0..T-1 and
-    two states share a chain (and so could be equal) only if more than N/K share a step."""
-    n = len(t)
-    chains = max(1, math.ceil(n / per_chain))
-    order = torch.argsort(t, stable=True)
-    out = torch.empty_like(t)
-    out[order] = torch.arange(n, device=t.device) % chains
-    return out
+def fill_pool(pool: StatePool, *, diffusion: GaussianDiffusion, teacher_fn: TeacherFn, init: str,
+              init_steps: int, chunk: int, clip_denoised: bool,
+              tick: Callable[[int], None] = lambda n: None, order: int = 2,
+              allocation: StepAllocation = StepAllocation.PROPORTIONAL) -> None:
+    """Bring every state from its noise at T-1 down to its start step `pool.t`, in chunks.
 
-
-def chains_cost(t: torch.Tensor, chain: torch.Tensor, num_timesteps: int) -> int:
-    """Teacher sample-steps of the `chains` start-up: each chain runs to its lowest start step."""
-    lowest = torch.full((int(chain.max()) + 1,), num_timesteps - 1, dtype=t.dtype, device=t.device)
-    lowest = lowest.scatter_reduce(0, chain, t, reduce="amin")
-    return int((num_timesteps - 1 - lowest).sum())
-
-
-def _chains(teacher_fn, diffusion, pool: StatePool, chain: torch.Tensor, first: int, last: int,
-            clip: bool, tick) -> None:
-    """Run chains first..last-1 from T-1 downwards, copying each into its states on the way."""
-    members = ((chain >= first) & (chain < last)).nonzero().squeeze(1)  # pool indices
-    local = chain[members] - first  # (n,) chain of each member, 0..last-first-1
-    target = pool.t[members]  # (n,)
-    lowest = torch.full((last - first,), diffusion.num_timesteps - 1, dtype=target.dtype,
-                        device=target.device).scatter_reduce(0, local, target, reduce="amin")
-    x = pool.randn((last - first, *pool.x.shape[1:]))  # (M, C, H, W) each chain's x_{T-1}
-    cur = diffusion.num_timesteps - 1
-    while True:
-        hit = target == cur
-        pool.x[members[hit]] = x[local[hit]]
-        active = (lowest < cur).nonzero().squeeze(1)  # chains with states further down
-        if len(active) == 0:
-            break
-        xa = x[active]
-        t = torch.full((len(active),), cur, device=x.device, dtype=torch.long)
-        x[active] = teacher_step(teacher_fn, diffusion, x=xa, t=t, noise=pool.randn(xa.shape),
-                                 clip_denoised=clip).x_next
-        pool.teacher_sample_steps += len(active)
-        tick(len(active))
-        cur -= 1
+    Fast start-up only: `order` 2 is DPM-Solver++(2M), 1 is DDIM; `allocation` shares out the
+    `init_steps`. The defaults are the start-up `init = "fast"` runs; the others are for
+    benchmarks (the previous start-up was order 1 with EQUAL allocation).
+    """
+    if order not in (1, 2):
+        raise ConfigError(f"the fast start-up's solver order must be 1 or 2, got {order}")
+    size, device = len(pool), pool.x.device
+    for start in range(0, size, chunk):
+        idx = torch.arange(start, min(size, start + chunk), device=device)
+        if init == "exact":
+            _exact_chunk(teacher_fn, diffusion, pool, idx, clip_denoised, tick)
+        else:
+            _solver_chunk(teacher_fn, diffusion, pool, idx, init_steps, clip_denoised, tick, order,
+                          allocation)
 
 
 def init_pool(
     *, size: int, shape: tuple[int, int, int], diffusion: GaussianDiffusion, teacher_fn: TeacherFn,
     mode: str, init: str, init_steps: int, chunk: int, clip_denoised: bool, device: torch.device,
     generator: torch.Generator, tick: Callable[[int], None] = lambda n: None,
-    chain_states: int = 25, on_total: Callable[[int], None] = lambda n: None,
 ) -> StatePool:
-    """A pool of `size` states: all at T-1 (basic) or shuffled to uniform start steps and
-    brought there by the `init` start-up. `on_total` is told the exact teacher sample-steps the
-    start-up will take before it starts (for a progress bar); `chunk` bounds the states (or
-    chains) stepped together."""
+    """A pool of `size` states: all at T-1 (basic) or shuffled to uniform start steps."""
     T = diffusion.num_timesteps
     x = torch.randn((size, *shape), generator=generator, device=device)  # (N, C, H, W)
     t = torch.full((size,), T - 1, dtype=torch.long, device=device)
     pool = StatePool(x, t, num_timesteps=T, generator=generator)
     if mode == "basic":
-        on_total(0)
         return pool
-    pool.t = torch.randint(0, T, (size,), generator=generator, device=device)
-    if init in ("chains", "exact"):  # exact: one chain per state
-        chain = chain_assignment(pool.t, chain_states if init == "chains" else 1)
-        on_total(chains_cost(pool.t, chain, T))
-        count = int(chain.max()) + 1
-        for first in range(0, count, chunk):
-            _chains(teacher_fn, diffusion, pool, chain, first, min(count, first + chunk),
-                    clip_denoised, tick)
-        return pool
-    on_total(int((T - 1 - pool.t).clamp(max=init_steps).sum()))
-    for start in range(0, size, chunk):
-        idx = torch.arange(start, min(size, start + chunk), device=device)
-        _fast_chunk(teacher_fn, diffusion, pool, idx, init_steps, clip_denoised, tick)
+    pool.t = start_steps(size, num_timesteps=T, generator=generator, device=device)
+    fill_pool(pool, diffusion=diffusion, teacher_fn=teacher_fn, init=init, init_steps=init_steps,
+              chunk=chunk, clip_denoised=clip_denoised, tick=tick)
     return pool
 
 
-def mean_init_steps(*, size: int, num_timesteps: int, init: str, init_steps: int, mode: str,
-                    chain_states: int = 25) -> float:
-    """The expected teacher sample-steps of a start-up (start steps uniform over 0..T-1), for
-    planning before the start steps are drawn (e.g. the compute-matched synthetic baseline)."""
-    T = num_timesteps
+def expected_init_steps(*, size: int, num_timesteps: int, init: str, init_steps: int, mode: str) -> int:
+    """The teacher sample-steps `init_pool` will take, exactly (start steps are stratified)."""
     if mode == "basic":
-        return 0.0
-    if init == "exact":
-        return size * (T - 1) / 2
-    if init == "chains":
-        chains = max(1, math.ceil(size / chain_states))
-        # chain j's lowest start step is about the j-th smallest of N uniform draws
-        return sum(T - 1 - (j + 0.5) * T / size for j in range(min(chains, size)))
-    return size * sum(min(init_steps, T - 1 - t) for t in range(T)) / T
+        return 0
+    span = num_timesteps - 1 - _stratified_steps(size, num_timesteps=num_timesteps)  # (N,)
+    if init != "exact":
+        span = fast_jumps(span, k=init_steps, num_timesteps=num_timesteps)
+    return int(span.sum())

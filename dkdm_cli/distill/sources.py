@@ -25,7 +25,7 @@ import torch
 from dkdm_cli.config import DistillConfig, Init, Mode
 from dkdm_cli.diffusion.gaussian import GaussianDiffusion
 from dkdm_cli.distill.objective import LossTerms, dkdm_loss, hybrid_loss
-from dkdm_cli.distill.pool import StatePool, mean_init_steps, pool_size, teacher_step
+from dkdm_cli.distill.pool import StatePool, expected_init_steps, pool_size, teacher_step
 
 TeacherFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -113,10 +113,9 @@ def dkdm_forwards(d: DistillConfig, num_timesteps: int) -> int:
     """Teacher forwards of a dynamic-mode run with these settings: start-up + iterations * b."""
     size = pool_size(mode=Mode.DYNAMIC, rho=d.rho, num_timesteps=num_timesteps,
                      batch_size=d.batch_size)
-    startup = mean_init_steps(size=size, num_timesteps=num_timesteps, init=d.init,
-                              init_steps=d.init_steps, mode=Mode.DYNAMIC,
-                              chain_states=d.init_chain_states)
-    return round(startup) + d.iterations * d.batch_size
+    startup = expected_init_steps(size=size, num_timesteps=num_timesteps, init=d.init,
+                                  init_steps=d.init_steps, mode=Mode.DYNAMIC)
+    return startup + d.iterations * d.batch_size
 
 
 def synthetic_plan(d: DistillConfig, num_timesteps: int) -> dict[str, Any]:
@@ -192,14 +191,14 @@ def _pool_source(d: DistillConfig, mode: Mode, *, teacher, device, gen, ckpt, di
         if pool is not None:
             return Built(PoolSource(pool, startup_forwards=startup_forwards, **kw), True)
     init = Init(d.init)
+    total = expected_init_steps(size=size, num_timesteps=T, init=init, init_steps=d.init_steps,
+                                mode=mode)
+    obs.phase(f"start-up ({init.value}) teacher steps", total=max(total, 1))
     start = time.perf_counter()
     pool = init_pool(size=size, shape=tuple(teacher.sample_shape), diffusion=teacher.diffusion,
                      teacher_fn=teacher.model_output, mode=mode, init=init,
                      init_steps=d.init_steps, chunk=d.init_batch_size, clip_denoised=clip,
-                     device=device, generator=gen, tick=obs.advance,
-                     chain_states=d.init_chain_states,
-                     on_total=lambda n: obs.phase(f"start-up ({init.value}) teacher steps",
-                                                  total=max(n, 1)))
+                     device=device, generator=gen, tick=obs.advance)
     startup = {"mode": mode.value, "pool_size": len(pool), "pool_bytes": pool.nbytes,
                "init": init.value if mode is not Mode.BASIC else "none",
                "teacher_forwards": pool.teacher_sample_steps,

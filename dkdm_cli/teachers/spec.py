@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dkdm_cli.errors import RegistryError, TeacherError, UserError
+from dkdm_cli.errors import TeacherError, UserError
 from dkdm_cli.teachers.base import Denoiser
 from dkdm_cli.teachers.registry import TEACHERS  # filled by dkdm_cli/teachers/__init__.py
 
@@ -52,11 +52,7 @@ def classify(spec: str) -> str:
         )
     if spec.startswith((".", "/", "~")) or Path(spec).suffix:
         raise TeacherError(f"{spec}: no such file or folder")
-    try:
-        TEACHERS.resolve(spec)
-    except RegistryError as exc:
-        raise TeacherError(f"{exc}. Or give hf:ORG/NAME or a path") from exc
-    return "registered"  # pragma: no cover
+    raise TeacherError(f"{TEACHERS.unknown(spec)}. Or give hf:ORG/NAME or a path")
 
 
 def resolve_teacher(

@@ -1,0 +1,35 @@
+"""benchmarks/study.py end to end on a tiny configuration: runs, result files, the report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_study_quick_runs_resumes_and_reports(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("study", None)
+    import study
+
+    argv = ["--quick", "--tables", "1,2", "--iterations", "2", "--samples", "16",
+            "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
+            "--doc", str(tmp_path / "docs" / "results.md")]
+    assert study.main(argv) == 0
+    results = sorted((tmp_path / "results").glob("run-*.json"))
+    names = {json.loads(p.read_text())["variant"] for p in results}
+    assert names == {"basic", "shuffle", "dynamic", "dynamic-rho4x", "synthetic", "data"}
+    run = json.loads(next(p for p in results if "run-synthetic" in p.name).read_text())
+    assert run["measure"]["num"] == 16 and run["teacher_forwards"] > 0 and run["command"]
+    doc = (tmp_path / "docs" / "results.md").read_text()
+    assert "## 1. Ablation" in doc and "## 2. Baselines" in doc and "± " not in doc.split("## 1.")[0]
+    # A second call finds every result and runs nothing again.
+    stamps = {p: p.stat().st_mtime_ns for p in results}
+    assert study.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in results} == stamps
