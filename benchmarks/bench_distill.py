@@ -59,11 +59,11 @@ def bench_overhead(args) -> dict:
         run = _distiller(teacher, batch=args.batch, rho=args.pool / (1000 * args.batch),
                          student_kwargs="{model_channels=32, num_res_blocks=1, dropout=0.0}",
                          run_dir=Path(tmp), device=args.device, obs=obs)
-        run.prepare_data(None)
+        run.prepare_source(None)
         window = MetricWindow(run.device, 1000)
         student, opt = run.state.student, run.state.opt
-        x = run.state.pool.x[: args.batch].clone()
-        t = run.state.pool.t[: args.batch].clone()
+        x = run.source.pool.x[: args.batch].clone()
+        t = run.source.pool.t[: args.batch].clone()
 
         def teacher_fwd():
             teacher.model_output(x, t)
@@ -93,7 +93,7 @@ def bench_overhead(args) -> dict:
             tfs.append(tf)
             sss.append(ss)
         return {"bench": "overhead", "device": args.device, "threads": torch.get_num_threads(),
-                "batch": args.batch, "pool": len(run.state.pool),
+                "batch": args.batch, "pool": len(run.source.pool),
                 "teacher_params": count_parameters(teacher.model),
                 "student_params": count_parameters(student), "rounds": args.rounds,
                 "median_ratio": round(statistics.median(ratios), 4),

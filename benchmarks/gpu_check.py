@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dkdm_cli.config import load_config
+from dkdm_cli.config import Precision, load_config
 from dkdm_cli.diffusion.samplers import sample
 from dkdm_cli.diffusion.settings import DiffusionSettings
 from dkdm_cli.distill.distributed import DistInfo
@@ -55,15 +55,15 @@ def main(batch: int = 128, rounds: int = 20, iters: int = 50) -> None:
         out["teacher_params"] = count_parameters(teacher.model)
         out["student_params"] = count_parameters(run.state.student)
         start = time.perf_counter()
-        run.prepare_data(None)
+        run.prepare_source(None)
         torch.cuda.synchronize()
         out["startup"] = {**run.startup, "seconds": round(time.perf_counter() - start, 2)}
         window = MetricWindow(device, 1000)
         student, opt = run.state.student, run.state.opt
-        x, t = run.state.pool.x[:batch].clone(), run.state.pool.t[:batch].clone()
+        x, t = run.source.pool.x[:batch].clone(), run.source.pool.t[:batch].clone()
 
         def student_step():
-            with _autocast(device, "bf16"):
+            with _autocast(device, Precision.BF16):
                 o = student(x, t)
             loss = o.float().square().mean()
             opt.zero_grad(set_to_none=True)
@@ -88,7 +88,7 @@ def main(batch: int = 128, rounds: int = 20, iters: int = 50) -> None:
         ema = run.state.ema.shadow
 
         def sample_student():
-            with _autocast(device, "bf16"):
+            with _autocast(device, Precision.BF16):
                 sample(lambda a, b: ema(a, b).float(), run.diffusion, noise=noise, steps=50)
 
         secs = timed(sample_student)

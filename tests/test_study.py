@@ -28,7 +28,11 @@ def test_study_quick_runs_resumes_and_reports(tmp_path, monkeypatch):
     run = json.loads(next(p for p in results if "run-synthetic" in p.name).read_text())
     assert run["measure"]["num"] == 16 and run["teacher_forwards"] > 0 and run["command"]
     doc = (tmp_path / "docs" / "results.md").read_text()
-    assert "## 1. Ablation" in doc and "## 2. Baselines" in doc and "± " not in doc.split("## 1.")[0]
+    assert "## 1. Ablation" in doc and "## 2. Baselines" in doc
+    table1 = doc.split("## 1. Ablation")[1].split("## 2.")[0]
+    for label in ("| basic |", "| + shuffle |", "| DKDM (dynamic"):
+        assert label in table1
+    assert "Order (Frechet, lower is better):" in table1 and "(1)" in table1
     # A second call finds every result and runs nothing again.
     stamps = {p: p.stat().st_mtime_ns for p in results}
     assert study.main(argv) == 0
