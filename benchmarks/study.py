@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -65,8 +64,10 @@ class Scale:
     startup_seeds: int = 2
 
 
-FULL = Scale(iterations=1500, batch=64, samples=1000, steps=50, seeds=3, curve_points=5,
-             dit_teacher_iterations=6000)
+# Sized for ~3 hours of the 2-core CPU (docs/results.md says what this cut): half the default
+# run's batch and iterations, 500 samples per measurement, 2 seeds.
+FULL = Scale(iterations=800, batch=32, samples=500, steps=50, seeds=2, curve_points=4,
+             dit_teacher_iterations=4000)
 QUICK = Scale(iterations=40, batch=16, samples=64, steps=10, seeds=1, curve_points=2,
               dit_teacher_iterations=40, grid=8, rho=0.01, startup_rho=0.005, startup_seeds=1)
 
@@ -84,11 +85,18 @@ class Variant:
     startup_table: bool = False  # runs at the scale's startup_rho and startup_seeds
 
 
+DIT_STUDENT = "dit-n/2"  # the DiT student of tables 3 and 5 (0.33M, the size of the default UNet)
+DIT_TEACHER_ARCH = "dit-t/2"  # the DiT digits teacher of table 3 (1.3M; trained by the study)
+
+
 def variants(default_student: str, rho: float | None = None) -> dict[int, list[Variant]]:
-    """The variants of each table (a variant shared by tables is run once)."""
+    """The variants of each table. A Variant object shared by tables is one run per seed: the
+    default DKDM run is table 1's dynamic row, table 2's DKDM row, table 3's CNN -> CNN and
+    table 5's default size (its checkpoints along the way give the curve)."""
     d = Config().distill
     rho = rho or d.rho
-    dkdm = Variant("dynamic", f"DKDM (dynamic, rho {rho:g})")
+    dkdm = Variant("dynamic", f"DKDM (dynamic, rho {rho:g})", curve=True)
+    dit_student = Variant("size-dit", f"{DIT_STUDENT} (DiT)", student=DIT_STUDENT, curve=True)
     return {
         1: [Variant("basic", "basic", sets=("distill.mode=basic",)),
             Variant("shuffle", "+ shuffle", sets=("distill.mode=shuffle",)),
@@ -100,21 +108,20 @@ def variants(default_student: str, rho: float | None = None) -> dict[int, list[V
                     sets=("distill.mode=synthetic", 'distill.synthetic_samples="auto"')),
             Variant("data", "data-driven (real digits, not data-free)",
                     sets=("distill.mode=data",))],
-        3: [Variant("cnn-cnn", "CNN -> CNN", student="unet-t"),
-            Variant("cnn-dit", "CNN -> DiT", student="dit-t/2"),
-            Variant("dit-cnn", "DiT -> CNN", teacher="dit-teacher", student="unet-t"),
-            Variant("dit-dit", "DiT -> DiT", teacher="dit-teacher", student="dit-t/2")],
+        3: [dataclasses.replace(dkdm, label=f"CNN -> CNN ({default_student})"),
+            dataclasses.replace(dit_student, label=f"CNN -> DiT ({DIT_STUDENT})"),
+            Variant("dit-cnn", f"DiT -> CNN ({default_student})", teacher="dit-teacher"),
+            Variant("dit-dit", f"DiT -> DiT ({DIT_STUDENT})", teacher="dit-teacher",
+                    student=DIT_STUDENT)],
         4: [Variant("init-default", f"default start-up ({Config().distill.init})",
                     startup_table=True),
             Variant("init-exact", "exact start-up", sets=("distill.init=exact",),
                     startup_table=True)],
-        5: [Variant(f"size-{s.replace('/', '')}", s, student=s, curve=True)
-            for s in _size_students(default_student)],
+        5: [dataclasses.replace(dkdm, label=f"{default_student} (default)"),
+            dit_student,
+            Variant("size-unet-t", "unet-t (the teacher's architecture)", student="unet-t",
+                    curve=True)],
     }
-
-
-def _size_students(default_student: str) -> list[str]:
-    return list(dict.fromkeys(["dit-t/4", default_student, "unet-t"]))
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -160,7 +167,7 @@ class Study:
             from train_digits_teacher import train_teacher
 
             self.log(f"training the DiT digits teacher ({self.scale.dit_teacher_iterations} it)")
-            train_teacher(out=path, arch="dit-t/2", iterations=self.scale.dit_teacher_iterations,
+            train_teacher(out=path, arch=DIT_TEACHER_ARCH, iterations=self.scale.dit_teacher_iterations,
                           name="digits-dit", log=lambda s: None)
         return path
 
@@ -273,21 +280,10 @@ def _command(variant: Variant, student: str, seed: int, s: Scale, sets: list[str
 # -- speed --------------------------------------------------------------------------------------
 
 def sampling_speed(specs: dict[str, str], *, rounds: int = 5, batch: int = 64, steps: int = 10) -> dict:
-    """img/s of each model with the same sampler and steps, measured in alternating rounds (the
-    machine's speed drifts) on one thread; the median of each model's rounds."""
-    from dkdm_cli.teachers.spec import resolve_teacher
+    """img/s of each model with the same sampler and steps, in alternating rounds, on one thread."""
+    from bench_speedup import sampling_speeds
 
-    torch.set_num_threads(1)
-    models = {name: resolve_teacher(spec) for name, spec in specs.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            start = time.perf_counter()
-            from dkdm_cli.sample import generate
-
-            generate(model, num=batch, steps=steps, seed=0, batch_size=batch)
-            times[name].append(batch / (time.perf_counter() - start))
-    return {name: round(statistics.median(v), 1) for name, v in times.items()}
+    return sampling_speeds(specs, rounds=rounds, num=batch, batch=batch, steps=steps, threads=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, help="result JSON files (default docs/results/...)")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     scale = QUICK if args.quick else FULL
     scale = dataclasses.replace(scale, **{k: v for k, v in (("seeds", args.seeds),
@@ -311,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     default_student = Config().student.name
     tables = [int(t) for t in args.tables.split(",") if t]
     if not args.render_only:
-        torch.set_num_threads(1)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         for table in tables:
             for variant in variants(default_student, scale.rho)[table]:
                 for seed in range(scale.startup_seeds if variant.startup_table else scale.seeds):

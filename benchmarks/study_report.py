@@ -251,7 +251,7 @@ def _grids(study, runs, figdir: Path, default_student: str) -> list[tuple[str, P
     from dkdm_cli.teachers.spec import resolve_teacher
 
     out = []
-    for name in ("dynamic", "cnn-dit", "dit-dit"):
+    for name in ("dynamic", "size-dit", "size-unet-t", "dit-dit"):
         seed0 = [r for r in runs.get(name, []) if r["seed"] == 0 and r.get("run_dir")]
         if not seed0 or not Path(seed0[0]["run_dir"]).is_dir():
             continue

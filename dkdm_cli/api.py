@@ -13,7 +13,7 @@ Example:
 
     teacher = load_teacher("hf:google/ddpm-cifar10-32")
     adm = load_teacher("cifar10_uncond_50M_500K.pt", arch="iddpm-cifar10")
-    student = load_student("runs/digits-unet-t")
+    student = load_student("runs/digits-unet-n")
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from dkdm_cli.errors import DkdmError, Interrupted, from_os_error
 app = typer.Typer(
     name="dkdm",
     help="Distill a pretrained diffusion model into any architecture, without its data (DKDM).\n\n"
-    "Example: dkdm init && dkdm distill && dkdm sample --model runs/digits-unet-t --out samples",
+    "Example: dkdm init && dkdm distill && dkdm sample --model runs/digits-unet-n --out samples",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

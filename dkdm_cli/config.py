@@ -114,7 +114,7 @@ class TeacherConfig:
 class StudentConfig:
     """[student]: the architecture to train."""
 
-    name: str = opt("unet-t", "student preset from `dkdm students`")
+    name: str = opt("unet-n", "student preset from `dkdm students`")
     kwargs: dict = opt({}, "overrides of the preset's arguments, e.g. {model_channels = 16}")
 
 
@@ -339,23 +339,45 @@ def load_config(
     sets: list[str] | None = None,
     search_cwd: bool = True,
 ) -> Config:
-    """Resolve the configuration: defaults < TOML file < flags < --set overrides.
+    """Resolve the configuration: defaults < the teacher's recommended settings < TOML file <
+    flags < --set overrides (dkdm_cli/recommended.py).
 
     `path` None means ./dkdm.toml when it exists (and `search_cwd`); `flags` holds only the
     command-line flags the user actually gave.
     """
-    config = Config()
+    from dkdm_cli.recommended import recommended_for
+
     if path is None and search_cwd and Path(DEFAULT_CONFIG_NAME).is_file():
         path = Path(DEFAULT_CONFIG_NAME)
+    layers: list[tuple[dict[str, Any], str]] = []
     if path is not None:
-        config = merge(config, read_toml(Path(path)), source=str(path))
+        layers.append((read_toml(Path(path)), str(path)))
     if flags:
         clean = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in flags.items()}
-        config = merge(config, {s: kv for s, kv in clean.items() if kv}, source="command line")
+        layers.append(({s: kv for s, kv in clean.items() if kv}, "command line"))
     for expr in sets or []:
         section, key, value = parse_set(expr)
-        config = merge(config, {section: {key: value}}, source=f"--set {expr}")
+        layers.append(({section: {key: value}}, f"--set {expr}"))
+
+    def resolve(base: Config) -> Config:
+        for values, source in layers:
+            base = merge(base, values, source=source)
+        return base
+
+    config = resolve(Config())
+    if recommended_for(config.teacher.name):  # the teacher is known only once every layer is read
+        config = resolve(defaults_for(config.teacher.name))
     return config
+
+
+def defaults_for(teacher: str) -> Config:
+    """The built-in defaults with the settings recommended for `teacher` (dkdm_cli/recommended.py),
+    what a project for that teacher starts from."""
+    from dkdm_cli.recommended import recommended_for
+
+    base = Config()
+    base = dataclasses.replace(base, teacher=dataclasses.replace(base.teacher, name=teacher))
+    return merge(base, recommended_for(teacher), source=f"recommended for {teacher}")
 
 
 def field_docs() -> dict[str, dict[str, tuple[Any, str]]]:

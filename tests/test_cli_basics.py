@@ -13,7 +13,7 @@ import typer
 
 from dkdm_cli import __version__
 from dkdm_cli.cli import app, run
-from dkdm_cli.config import DEFAULT_CONFIG_NAME, Config, load_config
+from dkdm_cli.config import DEFAULT_CONFIG_NAME, Config, defaults_for, load_config
 from dkdm_cli.errors import ConfigError
 
 COMMANDS = sorted(typer.main.get_command(app).commands)
@@ -55,7 +55,7 @@ def test_init_writes_a_config_that_loads_and_prints_the_next_command(tmp_path, m
     assert run(["init", "proj"]) == 0
     target = tmp_path / "proj" / DEFAULT_CONFIG_NAME
     assert target.is_file()
-    assert load_config(target) == Config()
+    assert load_config(target) == defaults_for("digits")  # the default teacher's settings
     captured = capsys.readouterr()
     assert f"next: cd {Path('proj')} && dkdm distill" in captured.out
     assert str(Path("proj") / DEFAULT_CONFIG_NAME) in captured.err
@@ -65,7 +65,7 @@ def test_init_next_command_is_shell_quoted(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert run(["init", "my proj"]) == 0
     assert "next: cd 'my proj' && dkdm distill" in capsys.readouterr().out
-    assert load_config(tmp_path / "my proj" / DEFAULT_CONFIG_NAME) == Config()
+    assert load_config(tmp_path / "my proj" / DEFAULT_CONFIG_NAME) == defaults_for("digits")
 
 
 def test_init_in_cwd_with_teacher_and_student(tmp_path, monkeypatch, capsys):
@@ -74,7 +74,7 @@ def test_init_in_cwd_with_teacher_and_student(tmp_path, monkeypatch, capsys):
     cfg = load_config()  # found as ./dkdm.toml
     assert cfg.teacher.name == "hf:google/ddpm-cifar10-32"
     assert cfg.student.name == "dit-t"
-    assert cfg.distill == Config().distill
+    assert cfg.distill == Config().distill  # nothing recommended for this teacher
     assert "next: dkdm distill" in capsys.readouterr().out
 
 

@@ -20,8 +20,9 @@ from dkdm_cli import config as config_mod
 from dkdm_cli.cli import run
 from dkdm_cli.commands import sample as sample_cmd
 from dkdm_cli.commands.init import render, template_text
-from dkdm_cli.config import Config, field_docs, load_config, merge
+from dkdm_cli.config import Config, defaults_for, field_docs, load_config, merge
 from dkdm_cli.errors import ConfigError, UserError
+from dkdm_cli.recommended import recommended_for
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +130,7 @@ def test_load_config_raises_config_error_not_other_exceptions():
     Path("dkdm.toml").write_text("[distill]\nbatch_sise = 8\n")
     with pytest.raises(ConfigError, match=r"dkdm.toml: unknown key \[distill\] batch_sise"):
         load_config()
-    assert load_config(search_cwd=False) == Config()  # not searched: defaults
+    assert load_config(search_cwd=False) == defaults_for("digits")  # not searched: defaults
 
 
 # -- precedence ------------------------------------------------------------------------------------
@@ -239,8 +240,9 @@ def _toml_value(value) -> str:
 
 def test_template_lists_every_key_with_its_default_and_doc():
     docs = field_docs()
-    defaults = Config()
-    text = render(teacher=defaults.teacher.name, student=defaults.student.name)
+    teacher = "hf:org/model"  # a teacher with no recommended settings
+    defaults = dataclasses.replace(Config(), teacher=dataclasses.replace(Config().teacher, name=teacher))
+    text = render(teacher=teacher, student=defaults.student.name)
     parsed = tomllib.loads(text)
     assert list(parsed) == list(docs)  # every section, in order, nothing else
     assert merge(Config(), parsed, source="template") == defaults
@@ -251,7 +253,7 @@ def test_template_lists_every_key_with_its_default_and_doc():
         for key, (default, doc) in keys.items():
             value = _toml_value(default)
             where = next(i for i in range(start, len(lines)) if lines[i].startswith(f"{key} = "))
-            assert lines[where] == f"{key} = {value}", (section, key)
+            assert lines[where] == f"{key} = {_toml_value(getattr(getattr(defaults, section), key))}"
             assert lines[where - 1] == f"# {doc} (default: {value})", (section, key)
 
 
@@ -268,3 +270,29 @@ def test_field_docs_cover_every_dataclass_field():
         names = [f.name for f in dataclasses.fields(cls)]
         assert list(field_docs()[section]) == names
         assert all(doc for _, doc in field_docs()[section].values())
+
+
+# -- settings recommended for a teacher ----------------------------------------------------------
+
+
+def test_recommended_settings_sit_between_defaults_and_the_users_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recommended = recommended_for("digits")["distill"]
+    assert recommended and all(getattr(Config().distill, k) != v for k, v in recommended.items())
+    digits = load_config(search_cwd=False)  # the default teacher is digits
+    assert {k: getattr(digits.distill, k) for k in recommended} == recommended
+    other = load_config(flags={"teacher": {"name": "hf:org/model"}}, search_cwd=False)
+    assert other.distill == Config().distill  # nothing leaks to another teacher
+    Path("dkdm.toml").write_text("[distill]\nlr = 1e-4\n")
+    mine = load_config()
+    assert mine.distill.lr == 1e-4  # the user's file wins
+    assert mine.distill.iterations == recommended["iterations"]  # the rest still applies
+    assert load_config(sets=["distill.iterations=7"]).distill.iterations == 7
+
+
+def test_template_for_a_teacher_carries_its_recommended_values_marked():
+    text = render(teacher="digits", student="unet-n")
+    assert merge(Config(), tomllib.loads(text), source="template") == defaults_for("digits")
+    for key, value in recommended_for("digits")["distill"].items():
+        line = next(x for x in text.splitlines() if x.startswith(f"{key} = "))
+        assert line == f"{key} = {_toml_value(value)}  # recommended for the digits teacher"

@@ -83,7 +83,7 @@ def evaluate(
 ) -> None:
     """Score samples, or a student sampled on the fly, against the teacher or real images.
 
-    Example: dkdm eval runs/digits-unet-t --fid --isc --num 1000 --fail-above fid=30
+    Example: dkdm eval runs/digits-unet-n --fid --isc --num 1000 --fail-above fid=30
     """
     bounds = [parse_bound(text) for text in fail_above or []]  # malformed: exit 2, before work
     cfg = load_config(config, flags={"eval": dict(

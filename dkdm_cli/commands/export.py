@@ -34,7 +34,7 @@ def export(
 ) -> None:
     """Export a distilled student, ready to share, sample or serve.
 
-    Example: dkdm export --run-dir runs/digits-unet-t --format onnx --out student.onnx
+    Example: dkdm export --run-dir runs/digits-unet-n --format onnx --out student.onnx
     """
     if fmt is None and out is not None and out.suffix.lstrip(".") in FORMATS:
         fmt = out.suffix.lstrip(".")  # --out student.onnx says which format

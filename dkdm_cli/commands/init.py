@@ -8,11 +8,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Optional
 
+import tomli_w
 import typer
 
 from dkdm_cli import _console, _fs
 from dkdm_cli.config import DEFAULT_CONFIG_NAME, Config
 from dkdm_cli.errors import UserError
+from dkdm_cli.recommended import recommended_for
 
 
 class AlreadyExists(UserError):
@@ -28,8 +30,20 @@ def template_text() -> str:
 
 
 def render(*, teacher: str, student: str) -> str:
-    """The template with the teacher and student filled in."""
-    return string.Template(template_text()).substitute(teacher=teacher, student=student)
+    """The template with the teacher and student filled in, and the values recommended for that
+    teacher (dkdm_cli/recommended.py) in place of the defaults, each marked as such."""
+    lines = string.Template(template_text()).substitute(teacher=teacher, student=student).splitlines()
+    section = ""
+    for i, line in enumerate(lines):
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            continue
+        key = line.split(" = ", 1)[0]
+        values = recommended_for(teacher).get(section, {})
+        if " = " in line and not line.startswith("#") and key in values:
+            value = tomli_w.dumps({"v": values[key]}).strip().removeprefix("v = ")
+            lines[i] = f"{key} = {value}  # recommended for the {teacher} teacher"
+    return "\n".join(lines) + "\n"
 
 
 def init(

@@ -123,7 +123,7 @@ def sample(
 ) -> None:
     """Generate images from a teacher or a student.
 
-    Example: dkdm sample --model runs/digits-unet-t --num 100 --out samples --npz samples.npz
+    Example: dkdm sample --model runs/digits-unet-n --num 100 --out samples --npz samples.npz
     """
     if out is None and grid is None and npz is None and compare_teacher is None:
         raise UserError("nothing to write: give --out FOLDER, --grid PNG, --npz FILE "

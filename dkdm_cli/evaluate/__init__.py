@@ -4,7 +4,7 @@ images; or an .npz of images and/or statistics) with FID, sFID, IS, KID and prec
 
     from dkdm_cli.config import EvalConfig
     from dkdm_cli.evaluate import evaluate
-    result = evaluate("runs/digits-unet-t", cfg=EvalConfig(num=1000), metrics={"fid", "isc"})
+    result = evaluate("runs/digits-unet-n", cfg=EvalConfig(num=1000), metrics={"fid", "isc"})
     result.values["fid"], result.to_dict()   # every number and what reproduces it
 
 Everything expensive is cached under dkdm's cache folder (DKDM_CACHE_DIR or the platform's user
