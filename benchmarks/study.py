@@ -63,6 +63,14 @@ class Scale:
     startup_rho: float = 0.01  # table 4's pool (both rows): the exact start-up costs ~N*T/2
     startup_seeds: int = 2
 
+    def per_run(self) -> dict[str, Any]:
+        """What one run's result depends on: not how many seeds or grid pairs the study has, so
+        adding a seed later reuses every result already made."""
+        out = dataclasses.asdict(self)
+        for key in ("seeds", "startup_seeds", "grid"):
+            out.pop(key)
+        return out
+
 
 # Sized for ~3 hours of the 2-core CPU (docs/results.md says what this cut): half the default
 # run's batch and iterations, 500 samples per measurement, 2 seeds.
@@ -212,7 +220,7 @@ class Study:
             sets += [f"distill.save_every={max(1, s.iterations // s.curve_points)}",
                      "distill.keep_last=1000"]
         payload = {"variant": variant.name, "teacher": variant.teacher, "student": student,
-                   "sets": sets, "seed": seed, "scale": dataclasses.asdict(s)}
+                   "sets": sets, "seed": seed, "scale": s.per_run()}
         path = self.results / f"run-{variant.name}-s{seed}-{_key(payload)}.json"
         if path.is_file():
             return json.loads(path.read_text())
@@ -291,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="the ~10-minute smoke version")
     ap.add_argument("--tables", default="1,2,3,4,5")
     ap.add_argument("--seeds", type=int, help="seeds per variant (default: the scale's)")
+    ap.add_argument("--startup-seeds", type=int, help="seeds of the start-up table (default: the scale's)")
     ap.add_argument("--iterations", type=int, help="override the scale's iterations")
     ap.add_argument("--samples", type=int, help="override the scale's measured samples")
     ap.add_argument("--work", type=Path, default=ROOT / "study-runs", help="run directories")
@@ -301,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     scale = QUICK if args.quick else FULL
     scale = dataclasses.replace(scale, **{k: v for k, v in (("seeds", args.seeds),
-                                ("iterations", args.iterations), ("samples", args.samples)) if v})
+                                ("iterations", args.iterations), ("samples", args.samples),
+                                ("startup_seeds", args.startup_seeds)) if v})
     results = args.results or ROOT / "docs" / "results" / ("quick" if args.quick else "study")
     study = Study(scale, args.work, results, args.quick,
                   log=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True))

@@ -7,7 +7,6 @@ discussion, if present at docs/results/discussion.md, is included as it is.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 from collections import defaultdict
@@ -39,7 +38,7 @@ def _fmt(values: list[float], digits: int = 2) -> str:
 
 def load_results(study) -> tuple[dict[str, list[dict]], dict[tuple[str, int], dict]]:
     """Runs of this scale by variant, and teacher figures by (teacher, seed)."""
-    scale = dataclasses.asdict(study.scale)
+    scale = study.scale.per_run()
     runs: dict[str, list[dict]] = defaultdict(list)
     teachers: dict[tuple[str, int], dict] = {}
     for path in sorted(Path(study.results).glob("*.json")):
@@ -100,8 +99,10 @@ def order_claim(rows, names: list[str]) -> str:
         fa, fb = by[a]["frechet"], by[b]["frechet"]
         if not fa or not fb:
             return "not measured yet"
-        (ma, sa, _), (mb, sb, _) = _stats(fa), _stats(fb)
-        if ma - mb > max(sa, sb):
+        (ma, sa, na), (mb, sb, nb) = _stats(fa), _stats(fb)
+        if min(na, nb) < 2:
+            verdict = f"{'lower' if mb < ma else 'not lower'} (one seed: no spread to judge by)"
+        elif ma - mb > max(sa, sb):
             verdict = "better"
         elif mb - ma > max(sa, sb):
             verdict = "WORSE"
@@ -237,6 +238,7 @@ def _curve_figure(rows, path: Path) -> Path | None:
         return None
     ax.set_xlabel("iteration")
     ax.set_ylabel("digits Frechet (lower is better)")
+    ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

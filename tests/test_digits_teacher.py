@@ -174,3 +174,5 @@ def test_teachers_lists_digits_as_cached(capsys):
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["teachers"]}
     assert rows["digits"]["cached"] is True
     assert rows["digits"]["parameters"] == 679_226
+    assert rows["digits"]["recommended"]["distill"]["lr"] == 2e-3  # dkdm_cli/recommended.py
+    assert all(not r["recommended"] for name, r in rows.items() if name != "digits")

@@ -15,6 +15,7 @@ from torch import nn
 from dkdm_cli.diffusion.gaussian import GaussianDiffusion
 from dkdm_cli.diffusion.settings import DiffusionSettings
 from dkdm_cli.models import count_parameters
+from dkdm_cli.recommended import recommended_for
 
 
 class Autoencoder(Protocol):
@@ -151,4 +152,5 @@ class TeacherEntry:
                 "description": self.description, "image_size": self.image_size,
                 "channels": self.channels, "parameters": self.parameters, "latent": self.latent,
                 "weights": self.weights, "decode_scale": self.decode_scale,
-                "decode_note": self.decode_note, "cached": cached}
+                "decode_note": self.decode_note, "cached": cached,
+                "recommended": recommended_for(self.name)}
