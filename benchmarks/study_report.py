@@ -7,6 +7,7 @@ discussion, if present at docs/results/discussion.md, is included as it is.
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 from collections import defaultdict
@@ -95,7 +96,7 @@ def order_claim(rows, names: list[str]) -> str:
     """Whether Frechet falls along `names` (each step beyond the larger of the two spreads)."""
     by = {r["variant"].name: r for r in rows}
     parts = []
-    for a, b in zip(names, names[1:], strict=False):
+    for a, b in itertools.pairwise(names):
         fa, fb = by[a]["frechet"], by[b]["frechet"]
         if not fa or not fb:
             return "not measured yet"

@@ -33,13 +33,13 @@ def render(*, teacher: str, student: str) -> str:
     """The template with the teacher and student filled in, and the values recommended for that
     teacher (dkdm_cli/recommended.py) in place of the defaults, each marked as such."""
     lines = string.Template(template_text()).substitute(teacher=teacher, student=student).splitlines()
-    section = ""
+    recommended, section = recommended_for(teacher), ""
     for i, line in enumerate(lines):
         if line.startswith("[") and line.endswith("]"):
             section = line[1:-1]
             continue
         key = line.split(" = ", 1)[0]
-        values = recommended_for(teacher).get(section, {})
+        values = recommended.get(section, {})
         if " = " in line and not line.startswith("#") and key in values:
             value = tomli_w.dumps({"v": values[key]}).strip().removeprefix("v = ")
             lines[i] = f"{key} = {value}  # recommended for the {teacher} teacher"
