@@ -9,6 +9,8 @@ samples, and the Frechet ratio to the teacher's own samples (same sampler, steps
   3 cross-arch      CNN->CNN, CNN->DiT, DiT->CNN, DiT->DiT (a DiT digits teacher is trained here)
   4 start-up        the default start-up vs the exact one, at equal iterations
   5 sizes           three students: params, GFLOPs, sampling img/s, Frechet ratio, and curves
+  6 conditional     the class-conditional `digits-cond` teacher -> the default student: class
+                    consistency (unguided and at guidance scale 3) beside the digits measure
 
 Every run's result is a JSON file under --results (committed), keyed by its settings: a run
 whose file exists is not run again, so an interrupted study resumes and a partial one can be
@@ -45,6 +47,8 @@ from dkdm_cli.config import Config, load_config  # noqa: E402
 from dkdm_cli.quality import digits as quality  # noqa: E402
 
 TEACHER = "digits"
+COND_TEACHER = "digits-cond"
+CFG_MEASURED = 3.0  # table 6 also measures class consistency at this guidance scale
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ class Variant:
 
     name: str
     label: str
-    teacher: str = TEACHER  # TEACHER or "dit-teacher"
+    teacher: str = TEACHER  # a registered teacher (TEACHER, COND_TEACHER) or "dit-teacher"
     student: str = ""  # "" = the default student
     sets: tuple[str, ...] = ()  # --set overrides
     curve: bool = False
@@ -129,6 +133,7 @@ def variants(default_student: str, rho: float | None = None) -> dict[int, list[V
             dit_student,
             Variant("size-unet-t", "unet-t (the teacher's architecture)", student="unet-t",
                     curve=True)],
+        6: [Variant("cond", f"{COND_TEACHER} -> {default_student}", teacher=COND_TEACHER)],
     }
 
 
@@ -146,10 +151,23 @@ def _generate(model, scale: Scale, seed: int) -> np.ndarray:
 
 
 def _measure(model, scale: Scale, seed: int) -> dict[str, Any]:
+    """The digits measure of `scale.samples` samples; for a class-conditional model (classes drawn
+    uniformly, the same for teacher and student at a seed) also the class consistency, unguided
+    and at guidance scale CFG_MEASURED."""
+    from dkdm_cli.sample import generate, sample_labels
+
     start = time.perf_counter()
     images = _generate(model, scale, seed)
     seconds = time.perf_counter() - start
-    return quality.measure_digits(images).to_dict() | {"sample_seconds": round(seconds, 2)}
+    out = quality.measure_digits(images).to_dict() | {"sample_seconds": round(seconds, 2)}
+    if model.conditional:
+        labels = sample_labels(model, scale.samples, seed=seed)
+        out["consistency"] = quality.class_consistency(images, labels)["consistency"]
+        guided = generate(model, num=scale.samples, steps=scale.steps, sampler="iddpm", seed=seed,
+                          batch_size=64, labels=labels, cfg=CFG_MEASURED)
+        out[f"consistency_cfg{CFG_MEASURED:g}"] = quality.class_consistency(guided, labels)["consistency"]
+        out[f"frechet_cfg{CFG_MEASURED:g}"] = quality.measure_digits(guided).frechet
+    return out
 
 
 @dataclass
@@ -164,9 +182,8 @@ class Study:
     log: Any = print
 
     def teacher_spec(self, which: str) -> str:
-        if which == TEACHER:
-            return TEACHER
-        return str(self.dit_teacher())
+        """A registered teacher's name, or the path of the DiT teacher the study trains."""
+        return str(self.dit_teacher()) if which == "dit-teacher" else which
 
     def dit_teacher(self) -> Path:
         """A DiT digits teacher trained by the teacher-training script (built once)."""
@@ -279,7 +296,7 @@ def _git_commit() -> str:
 
 
 def _command(variant: Variant, student: str, seed: int, s: Scale, sets: list[str]) -> str:
-    teacher = "<dit teacher>" if variant.teacher != TEACHER else TEACHER
+    teacher = "<dit teacher>" if variant.teacher == "dit-teacher" else variant.teacher
     extra = " ".join(f"--set {x}" for x in sets)
     return (f"dkdm distill --teacher {teacher} --student {student} --iterations {s.iterations} "
             f"--batch-size {s.batch} --seed {seed} {extra}").strip()
@@ -297,7 +314,7 @@ def sampling_speed(specs: dict[str, str], *, rounds: int = 5, batch: int = 64, s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the ~10-minute smoke version")
-    ap.add_argument("--tables", default="1,2,3,4,5")
+    ap.add_argument("--tables", default="1,2,3,4,5,6")
     ap.add_argument("--seeds", type=int, help="seeds per variant (default: the scale's)")
     ap.add_argument("--startup-seeds", type=int, help="seeds of the start-up table (default: the scale's)")
     ap.add_argument("--iterations", type=int, help="override the scale's iterations")

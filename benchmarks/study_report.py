@@ -18,9 +18,11 @@ PAPER = {1: "CIFAR-10 FID: basic ~13.5, + shuffle ~11.2, + dynamic 9.56",
          2: "CIFAR-10 FID: DKDM 9.56, data-free synthetic 12.06, data-driven 7.84",
          3: "CIFAR-10 FID: CNN->CNN 9.56, CNN->ViT 17.11, ViT->CNN 13.17",
          4: "the paper's start-up is the exact chain (shuffle denoise)",
-         5: "(no table: why users distill)"}
+         5: "(no table: why users distill)",
+         6: "(none: the paper leaves class-conditional models to future work)"}
 TITLES = {1: "Ablation: basic, shuffle, dynamic", 2: "Baselines at equal teacher compute",
-          3: "Cross-architecture", 4: "Start-up: default vs exact", 5: "Student sizes"}
+          3: "Cross-architecture", 4: "Start-up: default vs exact", 5: "Student sizes",
+          6: "Class-conditional teacher"}
 
 
 def _stats(values: list[float]) -> tuple[float, float, int]:
@@ -154,6 +156,8 @@ def render(study, tables: list[int], default_student: str, doc: Path) -> None:
         extra = ()
         if table == 5:
             extra = _size_columns(study, rows)
+        if table == 6:
+            extra = _consistency_columns(rows, teachers)
         out += [_markdown_table(rows, extra), ""]
         if table == 1:
             order = order_claim(rows, ["basic", "shuffle", "dynamic"])
@@ -174,6 +178,24 @@ def render(study, tables: list[int], default_student: str, doc: Path) -> None:
         out += ["## Teacher (left) and students (right) from the same noise", "",
                 *[f"![{name}]({p.relative_to(doc.parent)})" for name, p in grid], ""]
     doc.write_text("\n".join(out))
+
+
+def _consistency_columns(rows, teachers):
+    """Class consistency of the student, unguided and guided, with the teacher's in brackets."""
+    from study import CFG_MEASURED
+
+    def column(key: str):
+        def cell(r) -> str:
+            mine = [x["measure"][key] for x in r["runs"] if key in x["measure"]]
+            theirs = [t["measure"][key] for x in r["runs"]
+                      if (t := teachers.get((x["teacher"], x["seed"]))) and key in t["measure"]]
+            return f"{_fmt(mine, 3)} (teacher {_fmt(theirs, 3)})" if mine else "-"
+        return cell
+
+    g = f"{CFG_MEASURED:g}"
+    return (("class consistency", column("consistency")),
+            (f"consistency at cfg {g}", column(f"consistency_cfg{g}")),
+            (f"Frechet at cfg {g}", column(f"frechet_cfg{g}")))
 
 
 def _size_columns(study, rows):
@@ -254,7 +276,7 @@ def _grids(study, runs, figdir: Path, default_student: str) -> list[tuple[str, P
     from dkdm_cli.teachers.spec import resolve_teacher
 
     out = []
-    for name in ("dynamic", "size-dit", "size-unet-t", "dit-dit"):
+    for name in ("dynamic", "size-dit", "size-unet-t", "dit-dit", "cond"):
         seed0 = [r for r in runs.get(name, []) if r["seed"] == 0 and r.get("run_dir")]
         if not seed0 or not Path(seed0[0]["run_dir"]).is_dir():
             continue

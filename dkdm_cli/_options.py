@@ -32,3 +32,13 @@ StudentOpt = Annotated[
     Optional[str],
     typer.Option("--student", "-s", help="Student preset from `dkdm students`.", show_default=False),
 ]
+ClassOpt = Annotated[
+    Optional[list[int]],
+    typer.Option("--class", help="Class-conditional models: a class to sample (repeatable; "
+                 "default: uniform over all classes).", show_default=False),
+]
+CfgOpt = Annotated[
+    Optional[float],
+    typer.Option("--cfg", help="Class-conditional models with a null class: classifier-free "
+                 "guidance scale (1: none).", show_default=False),
+]

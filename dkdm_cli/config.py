@@ -98,6 +98,8 @@ def opt(default: Any, doc: str, *, min: float | None = None, max: float | None =
     meta = {"doc": doc, "min": min, "max": max, "choices": choices, "gt": gt, "auto": auto}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=meta)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -160,6 +162,14 @@ class DistillConfig:
                                min=1)
     data: str = opt("", "data mode: a folder of images or an .npz (arr_0, uint8 N x H x W x C) of "
                     "REAL images at the teacher's size (a reference for studies, not data-free)")
+    class_weights: list = opt([], "class-conditional teachers: relative frequency of each class in "
+                              "the pool, one number per class ([]: uniform)", min=0)
+    cfg_dropout: float = opt(0.1, "class-conditional teachers with a null class: fraction of states "
+                             "that carry it, so the student also learns the unconditional branch "
+                             "(and supports any --cfg at sampling)", min=0, max=1)
+    guidance_scale: float = opt(1.0, "class-conditional teachers with a null class: learn the "
+                                "teacher's classifier-free-guided prediction at this scale "
+                                "(1: none; costs 2 teacher forwards per state)", min=0)
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,10 @@ class SampleConfig:
     seed: int = opt(0, "random seed", min=0)
     batch_size: int = opt(64, "images per forward", min=1)
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    classes: list = opt([], "class-conditional models: the classes to sample, in turn "
+                        "([]: uniform over all)", min=0)
+    cfg_scale: float = opt(1.0, "class-conditional models with a null class: classifier-free "
+                           "guidance scale (1: none)", min=0)
 
 
 @dataclass(frozen=True)
@@ -187,6 +201,10 @@ class EvalConfig:
     reference: str = opt("teacher", "teacher | a folder of images | a statistics .npz")
     inception_weights: str = opt("", "Inception weights file for offline use")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    classes: list = opt([], "class-conditional models: score only these classes (the samples "
+                        "and the teacher reference), in turn ([]: uniform over all)", min=0)
+    cfg_scale: float = opt(1.0, "class-conditional models with a null class: classifier-free "
+                           "guidance scale for the samples and the teacher reference", min=0)
 
 
 @dataclass(frozen=True)
@@ -234,7 +252,7 @@ def _did_you_mean(name: str, options) -> str:
 
 def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            dict: "a table"}.get(tp, str(tp))
+            dict: "a table", list: "an array of numbers"}.get(tp, str(tp))
 
 
 def _check_value(where: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
@@ -255,6 +273,8 @@ def _check_value(where: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
     # TOML accepts nan and inf; every range check below is False for nan, so refuse them here.
     if tp is float and not math.isfinite(value):
         raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    if tp is list:
+        return _check_numbers(where, meta, value)
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(
             f"{where}: expected one of {', '.join(meta['choices'])}, got {value!r}"
@@ -267,6 +287,28 @@ def _check_value(where: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
     if meta.get("gt") is not None and value <= meta["gt"]:
         raise ConfigError(f"{where}: expected a value > {meta['gt']}, got {value!r}")
     return value
+
+
+def _check_numbers(where: str, meta: dict, value: list) -> list:
+    """An array of finite numbers, each within the field's bounds."""
+    out = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
+            raise ConfigError(f"{where}: expected an array of numbers, got {item!r} in it")
+        if meta.get("min") is not None and item < meta["min"]:
+            raise ConfigError(f"{where}: expected numbers >= {meta['min']}, got {item!r}")
+        out.append(item)
+    return out
+
+
+def class_list(values: list, *, where: str = "--class") -> list[int]:
+    """A classes setting as integers (UserError for a fractional one)."""
+    out = []
+    for v in values:
+        if float(v) != int(v):
+            raise ConfigError(f"{where}: class labels are whole numbers, got {v!r}")
+        out.append(int(v))
+    return out
 
 
 def _merge_section(source: str, section: str, current: Any, values: dict[str, Any]) -> Any:

@@ -195,6 +195,9 @@ def check_onnx(path: Path, model: nn.Module, *, shape: tuple[int, int, int],
 
 def export_onnx(model: nn.Module, out: Path, *, extra: dict[str, Any], result: ExportResult) -> None:
     """Export, check against PyTorch, attach the metadata, then move into place."""
+    if getattr(model, "num_classes", 0):
+        raise UserError("ONNX export of class-conditional models is not supported yet (the graph "
+                        "takes x and t only); export --format safetensors")
     onnx, _ort = _need_onnx()
     model = model.float().cpu().eval()
     shape = tuple(int(s) for s in extra["sample_shape"])

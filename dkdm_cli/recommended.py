@@ -16,8 +16,10 @@ from typing import Any
 # on the trade-off measured in docs/benchmarks.md ("The default run compresses"): a higher
 # learning rate for the short run and a 16-step start-up (the 48-step default's pool costs a
 # third of the budget).
+_DIGITS = {"distill": {"iterations": 1600, "lr": 2e-3, "init_steps": 16}}
 RECOMMENDED: dict[str, dict[str, dict[str, Any]]] = {
-    "digits": {"distill": {"iterations": 1600, "lr": 2e-3, "init_steps": 16}},
+    "digits": _DIGITS,
+    "digits-cond": _DIGITS,  # the same network fine-tuned with labels: the same budget suits it
 }
 
 

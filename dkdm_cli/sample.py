@@ -27,6 +27,26 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def sample_labels(denoiser: Teacher, num: int, *, seed: int,
+                  classes: list[int] | tuple[int, ...] | None = None) -> torch.Tensor | None:
+    """Class labels (N,) for sampling a class-conditional denoiser (None for an unconditional
+    one): `classes` repeated in turn, or with none given, uniform over all classes (seeded,
+    independent of the noise)."""
+    if not denoiser.conditional:
+        if classes:
+            raise UserError(f"--class: {denoiser.name} is unconditional (it has no classes)")
+        return None
+    if classes:
+        y = torch.tensor(list(classes), dtype=torch.long)
+        bad = y[(y < 0) | (y >= denoiser.num_classes)]
+        if len(bad):
+            raise UserError(f"--class {int(bad[0])}: {denoiser.name} has classes "
+                            f"0..{denoiser.num_classes - 1}")
+        return y.repeat(math.ceil(num / len(y)))[:num]
+    gen = torch.Generator().manual_seed(seed + 3)
+    return torch.randint(int(denoiser.num_classes), (num,), generator=gen)
+
+
 @torch.no_grad()
 def generate(
     teacher: Teacher,
@@ -40,19 +60,28 @@ def generate(
     device: torch.device | str = "cpu",
     noise: torch.Tensor | None = None,
     on_batch: Callable[[int], None] | None = None,
+    labels: torch.Tensor | None = None,
+    cfg: float = 1.0,
 ) -> np.ndarray:
     """`num` images (N, H, W, C) uint8 from `teacher` (any Teacher, students included).
 
-    Same seed, batch size and device give the same images.
+    A class-conditional denoiser samples `labels` (N,) (default: `sample_labels`) with
+    classifier-free guidance at scale `cfg` (1: none). Same seed, batch size and device give the
+    same images.
     """
     if num < 1:
         raise UserError(f"--num must be at least 1, got {num}")
+    if labels is None:
+        labels = sample_labels(teacher, num, seed=seed)
+    teacher.check_labels(labels)
+    teacher.denoise_fn(None if labels is None else labels[:1], cfg=cfg)  # refuse a bad --cfg now
     noise = initial_noise(num, teacher.sample_shape, seed=seed) if noise is None else noise
     step_gen = torch.Generator(device=device).manual_seed(seed + 1)
     out = []
     for start in range(0, num, batch_size):
         x_T = noise[start:start + batch_size].to(device)
-        x0 = sample(teacher.denoise, teacher.diffusion, noise=x_T, steps=steps,
+        y = None if labels is None else labels[start:start + batch_size].to(device)  # (b,)
+        x0 = sample(teacher.denoise_fn(y, cfg=cfg), teacher.diffusion, noise=x_T, steps=steps,
                     sampler=Sampler(sampler), eta=eta, clip_denoised=teacher.settings.clip_denoised,
                     generator=step_gen)
         out.append(to_uint8(teacher.decode(x0)))
@@ -103,16 +132,17 @@ def write_png(image: np.ndarray, path: Path, *, scale: int = 1) -> Path:
     return _fs.atomic_write(Path(path), lambda fh: pil.save(fh, format="PNG"))
 
 
-def save_npz(images: np.ndarray, path: Path) -> Path:
-    """Write images (N, H, W, C) uint8 as `arr_0` of an .npz, the layout the ADM and DiT
-    evaluation suites read; written atomically."""
+def save_npz(images: np.ndarray, path: Path, *, labels: np.ndarray | None = None) -> Path:
+    """Write images (N, H, W, C) uint8 as `arr_0` of an .npz (and class labels (N,) as `arr_1`),
+    the layout the ADM and DiT evaluation suites read; written atomically."""
     path = Path(path)
     if path.suffix != ".npz":
         raise UserError(f"--npz {path}: the file name must end in .npz")
     if images.dtype != np.uint8 or images.ndim != 4:
         raise UserError(f"expected (N, H, W, C) uint8 images, got {images.dtype} {images.shape}")
     # A file object: numpy adds no second suffix.
-    return _fs.atomic_write(path, lambda fh: np.savez(fh, arr_0=images))
+    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
+    return _fs.atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def recorded_teacher_spec(model: Teacher) -> str | None:
@@ -155,10 +185,11 @@ def save_comparison(teacher_images: np.ndarray, student_images: np.ndarray, path
 def compare_with_teacher(
     student: Teacher, teacher: Teacher, *, noise: torch.Tensor, steps: int, sampler: str,
     eta: float, seed: int, batch_size: int, device: torch.device | str,
-    student_images: np.ndarray | None = None,
+    student_images: np.ndarray | None = None, labels: torch.Tensor | None = None, cfg: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(teacher images, student images), each (N, H, W, C) uint8, from the same x_T `noise`
-    (N, C, H, W) and the same per-step noise, so each pair differs only by the model.
+    (N, C, H, W), the same per-step noise and (class-conditional) the same labels and guidance,
+    so each pair differs only by the model.
 
     `student_images` are reused when the caller already sampled exactly this noise in one batch.
     """
@@ -168,7 +199,7 @@ def compare_with_teacher(
             f"{tuple(student.sample_shape)}: they cannot start from the same noise"
         )
     kw = dict(num=len(noise), steps=steps, sampler=sampler, eta=eta, seed=seed,
-              batch_size=batch_size, device=device, noise=noise)
+              batch_size=batch_size, device=device, noise=noise, labels=labels, cfg=cfg)
     if student_images is None:
         student_images = generate(student, **kw)
     return generate(teacher, **kw), student_images

@@ -7,6 +7,15 @@ and an EMA. Seeded and reproducible on the same machine and torch build.
 
     python scripts/train_digits_teacher.py --out dkdm_cli/teachers/weights/digits.safetensors
     python scripts/train_digits_teacher.py --arch dit-t/2 --out digits-dit.safetensors  # a DiT teacher
+
+The class-conditional `digits-cond` teacher (labels 0-9 are the real ones; a null class 10 for
+classifier-free guidance, given to 10 % of the images) is the unconditional teacher fine-tuned
+with labels: every weight starts from `digits`, the label table from zero (so training starts
+from the unconditional model):
+
+    python scripts/train_digits_teacher.py --num-classes 10 --class-dropout 0.1 \
+        --init-from dkdm_cli/teachers/weights/digits.safetensors --iterations 3000 \
+        --name digits-cond --out dkdm_cli/teachers/weights/digits-cond.safetensors
 """
 
 from __future__ import annotations
@@ -27,6 +36,21 @@ from dkdm_cli.models.io import save_model
 IMAGE_SIZE = 16
 
 
+def init_from(model: torch.nn.Module, path: Path) -> None:
+    """Start `model` (a conditional model) from the unconditional model file `path` of the same
+    architecture: every weight copied, the label table zeroed. Strict: any other difference is an
+    error naming it."""
+    from dkdm_cli.models.io import load_model, load_state_strict
+
+    source, _ = load_model(Path(path))
+    state = dict(source.state_dict())
+    label_keys = sorted(set(model.state_dict()) - set(state))
+    if not all(k.endswith(("label_emb.weight", "y_embedder.weight")) for k in label_keys):
+        raise SystemExit(f"{path}: not the unconditional form of this architecture ({label_keys})")
+    state.update({k: torch.zeros_like(model.state_dict()[k]) for k in label_keys})
+    load_state_strict(model, state, source=str(path))
+
+
 def load_digits_images() -> torch.Tensor:
     """The real digits as a (1797, 1, 16, 16) float tensor in [-1, 1].
 
@@ -41,16 +65,27 @@ def load_digits_images() -> torch.Tensor:
 def train_teacher(*, out: Path, arch: str = "unet-t", model_kwargs: dict | None = None,
                   iterations: int = 10000, batch_size: int = 64, lr: float = 2e-4,
                   ema_rate: float = 0.999, seed: int = 0, log_every: int = 250,
-                  name: str = "digits", log=print) -> Path:
+                  name: str = "digits", num_classes: int = 0, class_dropout: float = 0.0,
+                  init: Path | None = None, log=print) -> Path:
     """Train a digits teacher of any registered architecture and save it as a dkdm model file
-    (EMA weights) at `out`, with its training log beside it (`<out>.log.json`)."""
+    (EMA weights) at `out`, with its training log beside it (`<out>.log.json`).
+
+    `num_classes` 10: class-conditional on the real labels, the null class (10) replacing the
+    label of a fraction `class_dropout` of the images; `init`: start from that model file.
+    """
+    from dkdm_cli.quality.digits import load_real_digit_labels
+
     torch.manual_seed(seed)
     data = load_digits_images()
+    targets = load_real_digit_labels()  # (1797,) 0..9
     settings = DiffusionSettings(schedule="cosine", num_timesteps=1000, prediction="epsilon",
                                  variance="learned_range", clip_denoised=True)
     diffusion = settings.build()
+    labels = dict(num_classes=num_classes, class_null=class_dropout > 0) if num_classes else {}
     model = create_model(arch, image_size=IMAGE_SIZE, in_channels=1, learn_sigma=True,
-                         **(model_kwargs or {}))
+                         **labels, **(model_kwargs or {}))
+    if init is not None:
+        init_from(model, init)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     ema = EMA(model, rate=ema_rate)
     gen = torch.Generator().manual_seed(seed)
@@ -63,7 +98,13 @@ def train_teacher(*, out: Path, arch: str = "unet-t", model_kwargs: dict | None 
         t = torch.randint(0, diffusion.num_timesteps, (batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         x_t = diffusion.q_sample(x0, t, noise)
-        terms = hybrid_loss(diffusion, model_out=model(x_t, t), x0=x0, x_t=x_t, t=t, noise=noise)
+        if num_classes:
+            y = targets[idx]  # (B,)
+            drop = torch.rand(batch_size, generator=gen) < class_dropout
+            pred = model(x_t, t, torch.where(drop, torch.full_like(y, num_classes), y))
+        else:
+            pred = model(x_t, t)
+        terms = hybrid_loss(diffusion, model_out=pred, x0=x0, x_t=x_t, t=t, noise=noise)
         opt.zero_grad(set_to_none=True)
         terms.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -85,6 +126,8 @@ def train_teacher(*, out: Path, arch: str = "unet-t", model_kwargs: dict | None 
             "name": name, "architecture": arch,
             "data": "scikit-learn load_digits: 1797 8x8 images, 0..16 -> [-1,1], bilinear to 16x16",
             "iterations": iterations, "batch_size": batch_size, "lr": lr,
+            "num_classes": num_classes, "class_dropout": class_dropout,
+            "init_from": Path(init).name if init is not None else None,
             "ema": ema_rate, "seed": seed, "train_seconds": round(seconds, 1),
             "parameters": count_parameters(model), "final": history[-1],
             "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -108,11 +151,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=250)
     ap.add_argument("--name", default="digits")
+    ap.add_argument("--num-classes", type=int, default=0, help="10: class-conditional on the labels")
+    ap.add_argument("--class-dropout", type=float, default=0.0,
+                    help="fraction of images trained with the null class (classifier-free guidance)")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start from this unconditional model file (same architecture)")
     ap.add_argument("--out", type=Path, default=Path("dkdm_cli/teachers/weights/digits.safetensors"))
     args = ap.parse_args()
     train_teacher(out=args.out, arch=args.arch, model_kwargs=args.model_kwargs,
                   iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
-                  ema_rate=args.ema, seed=args.seed, log_every=args.log_every, name=args.name)
+                  ema_rate=args.ema, seed=args.seed, log_every=args.log_every, name=args.name,
+                  num_classes=args.num_classes, class_dropout=args.class_dropout,
+                  init=args.init_from)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,17 @@ TINY_UNET = dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attent
 
 def make_tiny_teacher_file(path: Path, *, learn_sigma: bool = True, num_timesteps: int = 20,
                            image_size: int = 8, channels: int = 1, seed: int = 0,
-                           variance: str | None = None) -> Path:
-    """A dkdm model file holding a tiny random UNet teacher with a short noise schedule.
+                           variance: str | None = None, num_classes: int = 0,
+                           class_null: bool = False) -> Path:
+    """A dkdm model file holding a tiny random UNet teacher with a short noise schedule
+    (class-conditional with `num_classes`, with a null class when `class_null`).
 
     Its zero-initialised output layer is randomised so the teacher's eps is not trivially 0.
     """
     torch.manual_seed(seed)
+    labels = dict(num_classes=num_classes, class_null=class_null) if num_classes else {}
     model = create_model("unet-t", image_size=image_size, in_channels=channels,
-                         learn_sigma=learn_sigma, **TINY_UNET)
+                         learn_sigma=learn_sigma, **TINY_UNET, **labels)
     with torch.no_grad():
         for p in model.parameters():
             if p.abs().sum() == 0 and p.dim() > 1:
@@ -41,6 +44,13 @@ def make_tiny_teacher_file(path: Path, *, learn_sigma: bool = True, num_timestep
 def tiny_teacher_file(tmp_path_factory) -> Path:
     """A tiny learned-variance teacher (T = 20, 8x8x1) as a dkdm model file."""
     return make_tiny_teacher_file(tmp_path_factory.mktemp("teachers") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_cond_teacher_file(tmp_path_factory) -> Path:
+    """A tiny class-conditional teacher: 3 classes and a null class (index 3), T = 20, 8x8x1."""
+    return make_tiny_teacher_file(tmp_path_factory.mktemp("teachers") / "tiny_cond.safetensors",
+                                  num_classes=3, class_null=True)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,4 +176,70 @@ def test_teachers_lists_digits_as_cached(capsys):
     assert rows["digits"]["cached"] is True
     assert rows["digits"]["parameters"] == 679_226
     assert rows["digits"]["recommended"]["distill"]["lr"] == 2e-3  # dkdm_cli/recommended.py
-    assert all(not r["recommended"] for name, r in rows.items() if name != "digits")
+    assert rows["digits-cond"]["recommended"] == rows["digits"]["recommended"]
+    assert all(not r["recommended"] for name, r in rows.items() if not name.startswith("digits"))
+
+
+# -- the class-conditional digits teacher (issue 14) -----------------------------------------------
+
+def test_conditional_training_starts_from_the_unconditional_teacher(tmp_path):
+    """--init-from copies every weight and zeroes the label table: at the start the conditional
+    model IS the unconditional one, for every label; another architecture is refused."""
+    import sys
+
+    from dkdm_cli.models import create_model
+    from dkdm_cli.models.io import save_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from train_digits_teacher import init_from
+
+    kw = dict(image_size=8, in_channels=1, learn_sigma=True, model_channels=8, channel_mult=(1, 2))
+    torch.manual_seed(0)
+    plain = create_model("unet-t", **kw)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model(plain, tmp_path / "plain.safetensors")
+    cond = create_model("unet-t", num_classes=10, class_null=True, **kw)
+    init_from(cond, tmp_path / "plain.safetensors")
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 400, 999])
+    with torch.no_grad():
+        want = plain(x, t)
+        for label in (0, 7, 10):
+            assert torch.allclose(cond(x, t, torch.full((3,), label)), want, atol=1e-6)
+    other = create_model("unet-t", num_classes=10, class_null=True, **(kw | {"model_channels": 16}))
+    with pytest.raises(Exception, match="wrong shape|not the unconditional"):
+        init_from(other, tmp_path / "plain.safetensors")
+
+
+SHIPPED_COND = builtin_weights("digits-cond")
+needs_cond = pytest.mark.skipif(not SHIPPED_COND.is_file(), reason=f"{SHIPPED_COND} is absent")
+
+
+@needs_cond
+def test_digits_cond_is_registered_conditional_and_offline(tmp_path, capsys, monkeypatch):
+    from dkdm_cli.teachers.spec import resolve_teacher
+
+    teacher = resolve_teacher("digits-cond")
+    assert (teacher.num_classes, teacher.null_class) == (10, 10)
+    assert teacher.num_parameters == 680_282
+    monkeypatch.setenv("DKDM_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    rd = tmp_path / "run"
+    assert run(["distill", "--teacher", "digits-cond", "--iterations", "2", "--batch-size", "4",
+                "--run-dir", str(rd), "--quiet", "--set", "distill.rho=0.001",
+                "--set", "distill.grid_every=0", "--set", "distill.init_steps=2"]) == 0
+    assert run(["sample", "--model", str(rd), "--class", "4", "--cfg", "2", "--num", "2",
+                "--steps", "2", "--grid", str(tmp_path / "g.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["class_counts"] == {"4": 2}
+
+
+@needs_cond
+@pytest.mark.slow
+def test_digits_cond_draws_the_digit_it_is_asked_for():
+    from dkdm_cli.teachers.spec import resolve_teacher
+
+    teacher = resolve_teacher("digits-cond")
+    labels = torch.arange(10).repeat(8)  # (80,)
+    images = generate(teacher, num=80, steps=25, seed=0, labels=labels)
+    assert quality.class_consistency(images, labels)["consistency"] > 0.8

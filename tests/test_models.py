@@ -418,3 +418,42 @@ def test_students_table_prints() -> None:
     result = CliRunner().invoke(app, ["students", "--image-size", "8", "--channels", "4"])
     assert result.exit_code == 0, result.output
     assert "unet-t" in result.stdout and "dit-xl/2" in result.stdout
+
+
+# ---- class-conditional presets (issue 14) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_preset_takes_a_label_table(name: str, tmp_path) -> None:
+    """Labels change the output, the null row is one more table row, every table row learns, and
+    the conditional model saves and loads exactly; missing labels are refused."""
+    torch.manual_seed(0)
+    overrides = TINY[name.split("-")[0]]
+    plain = create_model(name, image_size=SIZE, in_channels=1, learn_sigma=True, **overrides)
+    model = create_model(name, image_size=SIZE, in_channels=1, learn_sigma=True, num_classes=5,
+                         class_null=True, **overrides)
+    table = model.label_emb if name.startswith("unet") else model.y_embedder
+    assert table.num_embeddings == 6 and (model.num_classes, model.null_class) == (5, 5)
+    assert count_parameters(model) - count_parameters(plain) == 6 * table.embedding_dim
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.1)
+    x, t = inputs(channels=1)
+    with torch.no_grad():
+        a, b = model(x, t, torch.tensor([0, 1])), model(x, t, torch.tensor([5, 5]))
+    assert not torch.allclose(a, b)
+    y = torch.tensor([2, 5])
+    (model(x, t, y) - torch.randn_like(a)).square().mean().backward()
+    rows = table.weight.grad.abs().sum(1)
+    assert rows[2] > 0 and rows[5] > 0 and rows[0] == 0  # only the labels used learn
+    with pytest.raises(ShapeMismatchError, match="class labels are required"):
+        model(x, t)
+    with pytest.raises(ShapeMismatchError, match="refused by an unconditional"):
+        plain(x, t, y)
+    path = tmp_path / "cond.safetensors"
+    save_model(model, path)
+    loaded, _ = load_model(path)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x, t, y), loaded.eval()(x, t, y))
+    assert (loaded.num_classes, loaded.null_class) == (5, 5)

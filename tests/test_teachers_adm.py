@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from conftest import ECO_ADM_FLAGS
 
 from dkdm_cli import api
-from dkdm_cli.errors import ModelFileError, TeacherError
+from dkdm_cli.errors import ModelFileError, TeacherError, UserError
 from dkdm_cli.models._blocks import AttentionBlock
 from dkdm_cli.teachers import adm
 from dkdm_cli.teachers.spec import classify, resolve_teacher
@@ -114,14 +114,17 @@ def _ref_attn(sd, p, x, heads, *, legacy=True):
     return (xf + h).reshape(b, c, hh, ww)
 
 
-def adm_reference_forward(sd, x, t, *, mc, mult, blocks, attention_ds, heads, updown=False, legacy=True):
-    """UNetModel.forward(x, t) of ADM, from a state dict in ADM's own layout."""
+def adm_reference_forward(sd, x, t, *, mc, mult, blocks, attention_ds, heads, updown=False, legacy=True,
+                          y=None):
+    """UNetModel.forward(x, t[, y]) of ADM, from a state dict in ADM's own layout."""
     half = mc // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
     args = t[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     emb = F.linear(F.silu(F.linear(emb, sd["time_embed.0.weight"], sd["time_embed.0.bias"])),
                    sd["time_embed.2.weight"], sd["time_embed.2.bias"])
+    if y is not None:  # class_cond: emb = emb + self.label_emb(y)
+        emb = emb + sd["label_emb.weight"][y]
     h = F.conv2d(x, sd["input_blocks.0.0.weight"], sd["input_blocks.0.0.bias"], padding=1)
     hs, i, ds = [h], 1, 1
     for level in range(len(mult)):
@@ -230,7 +233,7 @@ def test_adm_strict_loading_names_the_problem(tmp_path):
         load({**sd, "extra.weight": torch.zeros(1)})
     with pytest.raises(ModelFileError, match=r"wrong shape: out\.2\.weight"):
         load({**sd, "out.2.weight": torch.zeros(3, 32, 3, 3)})
-    with pytest.raises(ModelFileError, match="class-conditional"):
+    with pytest.raises(ModelFileError, match="class-conditional .it has label_emb.: set class_cond"):
         load({**sd, "label_emb.weight": torch.zeros(1000, 128)})
     with pytest.raises(ModelFileError, match="not a plain state dict"):
         torch.save(torch.nn.Linear(2, 2), tmp_path / "bad.pt")  # a pickled module, not a state dict
@@ -247,7 +250,7 @@ def test_adm_arch_errors_are_clear(tiny_adm_checkpoint):
         resolve_teacher(path, arch_kwargs={"num_channel": 32})
     with pytest.raises(TeacherError, match="expected a bool"):
         resolve_teacher(path, arch_kwargs={**ECO_ADM_FLAGS, "learn_sigma": "maybe"})
-    with pytest.raises(TeacherError, match="class-conditional"):
+    with pytest.raises(ModelFileError, match="missing: label_emb.weight.*has no label_emb"):
         resolve_teacher(path, arch_kwargs={**ECO_ADM_FLAGS, "class_cond": True})
     with pytest.raises(TeacherError, match="norm groups"):
         resolve_teacher(path, arch_kwargs={**ECO_ADM_FLAGS, "num_channels": 24})
@@ -255,3 +258,74 @@ def test_adm_arch_errors_are_clear(tiny_adm_checkpoint):
     teacher = resolve_teacher(path, arch_kwargs={**ECO_ADM_FLAGS, "num_res_blocks": "1",
                                                  "learn_sigma": "true", "channel_mult": [1, 2]})
     assert teacher.settings.learn_sigma
+
+
+# -- class-conditional checkpoints (class_cond: ImageNet's 1000 labels, no null label) -----------
+
+EXPECTED_TINY_COND_KEYS = {**EXPECTED_TINY_ADM_KEYS, "label_emb.weight": (1000, 128)}
+COND_FLAGS = {**ECO_ADM_FLAGS, "class_cond": True}
+
+
+def test_class_conditional_layout_adds_only_label_emb():
+    model = adm.build_unet(adm.resolve_flags("improved-diffusion", COND_FLAGS))
+    state = adm.to_adm_state_dict(model)
+    assert {k: tuple(v.shape) for k, v in state.items()} == EXPECTED_TINY_COND_KEYS
+    assert (model.num_classes, model.null_class) == (1000, None)
+    torch.testing.assert_close(adm.from_adm_state_dict(state, model)["label_emb.weight"],
+                               model.label_emb.weight, rtol=0, atol=0)  # 1:1, no reordering
+
+
+def test_class_conditional_adm_checkpoint_computes_adms_function(tmp_path):
+    sd = _random_state(EXPECTED_TINY_COND_KEYS, seed=11)
+    torch.save(sd, tmp_path / "cond.pt")
+    teacher = resolve_teacher(str(tmp_path / "cond.pt"), arch="improved-diffusion", arch_kwargs=COND_FLAGS)
+    assert teacher.conditional and (teacher.num_classes, teacher.null_class) == (1000, None)
+    x, t, y = _x((3, 3, 8, 8)), torch.tensor([0, 41, 99]), torch.tensor([0, 517, 999])
+    expected = adm_reference_forward(sd, x, t.float() * 10.0, y=y, **TINY_REF)
+    torch.testing.assert_close(teacher.model_output(x, t, y), expected, atol=2e-5, rtol=1e-4)
+    other = adm_reference_forward(sd, x, t.float() * 10.0, y=torch.tensor([1, 2, 3]), **TINY_REF)
+    assert not torch.allclose(expected, other, atol=1e-3)  # the label matters
+    # No null label: labels are required and classifier-free guidance is refused.
+    with pytest.raises(UserError, match="no null class"):
+        teacher.model_output(x, t)
+    with pytest.raises(UserError, match="no null class"):
+        teacher.denoise_fn(y, cfg=2.0)
+    with pytest.raises(UserError, match="0..999"):
+        teacher.check_labels(torch.tensor([1000]))
+
+
+def test_class_conditional_strict_loading_names_label_emb(tmp_path):
+    sd = _random_state(EXPECTED_TINY_COND_KEYS, seed=12)
+
+    def load(state):
+        torch.save(state, tmp_path / "bad.pt")
+        return resolve_teacher(str(tmp_path / "bad.pt"), arch="improved-diffusion", arch_kwargs=COND_FLAGS)
+
+    with pytest.raises(ModelFileError, match=r"missing: label_emb\.weight.*set class_cond=false"):
+        load({k: v for k, v in sd.items() if k != "label_emb.weight"})
+    with pytest.raises(ModelFileError, match=r"wrong shape: label_emb\.weight \(10, 128\) != \(1000, 128\)"
+                                             r".*1000 labels"):
+        load({**sd, "label_emb.weight": torch.zeros(10, 128)})
+
+
+@pytest.mark.parametrize("name,size,steps,schedule,scale,new_order", [
+    ("iddpm-imagenet64-cond", 64, 4000, "cosine", 1.0, False),
+    ("adm-64-cond", 64, 1000, "cosine", 1.0, True),
+    ("adm-128-cond", 128, 1000, "linear", 1.0, False),
+    ("adm-256-cond", 256, 1000, "linear", 1.0, False),
+])
+def test_class_conditional_presets_match_their_registered_teachers(name, size, steps, schedule, scale,
+                                                                   new_order):
+    from dkdm_cli.teachers.registry import TEACHERS
+
+    flags = adm.resolve_flags(name)
+    assert flags.class_cond and flags.learn_sigma and flags.use_new_attention_order == new_order
+    model = adm.build_unet(flags, device="meta")
+    entry = TEACHERS.create(name)
+    assert sum(p.numel() for p in model.parameters()) == entry.parameters
+    assert (entry.image_size, entry.num_classes, entry.null_class) == (size, 1000, None)
+    assert model.label_emb.weight.shape == (1000, 4 * flags.num_channels)
+    settings = adm.diffusion_settings(flags)
+    assert (settings.num_timesteps, settings.schedule, settings.variance, settings.timestep_scale) == \
+        (steps, schedule, "learned_range", scale)
+    assert entry.source.startswith("https://openaipublic.blob.core.windows.net/diffusion/")

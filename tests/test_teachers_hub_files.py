@@ -126,3 +126,9 @@ def test_teachers_json_reports_revision_weights_and_decode_scale(capsys):
     assert rows["ddpm-cifar10"]["revision"] == "refs/pr/14"
     assert celeba["revision"] is None and "weights_only=True" in celeba["weights"]
     assert rows["ddpm-cifar10"]["decode_scale"] is None
+    # DiT-XL/2 (configs and architecture: tests/test_teachers_dit.py): no pinned revision, since
+    # which weight files main has was not verified; the loader takes safetensors, else .bin.
+    dit = rows["dit-xl2-256"]
+    assert dit["revision"] is None and dit["latent"] and dit["decode_scale"] == 0.18215
+    assert "safetensors" in dit["weights"] and "weights_only=True" in dit["weights"]
+    assert "0.18215" in dit["decode_note"] and dit["num_classes"] == 1000

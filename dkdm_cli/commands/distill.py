@@ -69,16 +69,26 @@ def distill(
             _console.info(f"stopped by {result.signal or 'a signal'}; saved {result.checkpoint}. "
                           "Run the same command again to resume")
         else:
-            _console.out.print(next_steps(result.run_dir), highlight=False)
+            _console.out.print(next_steps(result.run_dir, num_classes=result.num_classes,
+                                          guidance=result.null_class is not None), highlight=False)
     if result.status == "interrupted":
         raise typer.Exit(result.exit_code or 130)
 
 
-def next_steps(run_dir: Path) -> str:
-    """What was made and the commands to run next, with the run directory filled in."""
+def next_steps(run_dir: Path, *, num_classes: int = 0, guidance: bool = False) -> str:
+    """What was made and the commands to run next, with the run directory filled in (and, for a
+    class-conditional student, how to pick a class and a guidance scale)."""
     rd = shlex.quote(str(run_dir))
-    return (f"made: {run_dir}/checkpoints (student, EMA weights), metrics.jsonl, grids/\n"
+    text = (f"made: {run_dir}/checkpoints (student, EMA weights), metrics.jsonl, grids/\n"
             "next:\n"
-            f"  dkdm sample --model {rd} --num 64 --grid samples.png --compare-teacher vs-teacher.png\n"
-            f"  dkdm eval {rd} --fid --num 1000        # FID against the teacher's own samples\n"
-            f"  dkdm export --run-dir {rd} --out student.safetensors   # or student.onnx")
+            f"  dkdm sample --model {rd} --num 64 --grid samples.png --compare-teacher vs-teacher.png\n")
+    if num_classes:
+        cfg = " --cfg 2.0" if guidance else ""
+        c = min(3, num_classes - 1)
+        text += (f"  dkdm sample --model {rd} --class {c}{cfg} --num 16 --grid class{c}.png"
+                 f"   # classes 0..{num_classes - 1}\n")
+    text += f"  dkdm eval {rd} --fid --num 1000        # FID against the teacher's own samples\n"
+    if num_classes == 10:
+        text += f"  dkdm eval {rd} --consistency --num 1000   # digits: right class per sample\n"
+    export = "" if num_classes else "   # or student.onnx"
+    return text + f"  dkdm export --run-dir {rd} --out student.safetensors{export}"

@@ -10,7 +10,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dkdm_cli import _console
-from dkdm_cli._options import ConfigOpt, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, SetOpt, TeacherOpt
+from dkdm_cli._options import (
+    CfgOpt,
+    ClassOpt,
+    ConfigOpt,
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    SeedOpt,
+    SetOpt,
+    TeacherOpt,
+)
 from dkdm_cli.config import load_config
 from dkdm_cli.errors import ThresholdError
 from dkdm_cli.evaluate import EvalResult
@@ -19,7 +29,7 @@ from dkdm_cli.evaluate.metrics import VALUES, parse_bound
 
 _LABELS = {"fid": "FID", "sfid": "sFID", "isc": "IS", "isc_std": "IS std", "kid": "KID",
            "kid_std": "KID std", "precision": "precision", "recall": "recall",
-           "f_score": "F-score"}
+           "f_score": "F-score", "consistency": "class consistency"}
 
 
 def _table(result: EvalResult) -> Table:
@@ -52,6 +62,11 @@ def evaluate(
     kid: Annotated[bool, typer.Option("--kid", help="Kernel Inception Distance.")] = False,
     prc: Annotated[bool, typer.Option("--prc", help="Precision / recall (k=3, pool_3).")] = False,
     sfid: Annotated[bool, typer.Option("--sfid", help="Spatial FID (ADM's mixed_6/conv).")] = False,
+    consistency: Annotated[bool, typer.Option(
+        "--consistency", help="Class-conditional digits models: the fraction of samples of each "
+        "class the digits classifier labels as that class (no Inception needed).")] = False,
+    classes: ClassOpt = None,
+    cfg_scale: CfgOpt = None,
     reference: Annotated[Optional[str], typer.Option(
         "--reference", "-r", help="teacher (its samples: the data-free score), a folder of "
         "images, or an .npz with arr_0 and/or mu, sigma (and mu_s, sigma_s for sFID).",
@@ -84,14 +99,15 @@ def evaluate(
     """Score samples, or a student sampled on the fly, against the teacher or real images.
 
     Example: dkdm eval runs/digits-unet-n --fid --isc --num 1000 --fail-above fid=30
+    Per class: dkdm eval runs/digits-cond-unet-n --consistency --fid --class 3
     """
     bounds = [parse_bound(text) for text in fail_above or []]  # malformed: exit 2, before work
     cfg = load_config(config, flags={"eval": dict(
         num=num, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size,
-        reference=reference, device=device,
+        reference=reference, device=device, classes=classes, cfg_scale=cfg_scale,
         inception_weights=str(inception_weights) if inception_weights else None)}, sets=set_).eval
     flags = [name for name, on in (("fid", fid), ("isc", isc), ("kid", kid), ("prc", prc),
-                                   ("sfid", sfid)) if on]
+                                   ("sfid", sfid), ("consistency", consistency)) if on]
     silent = quiet or json_out
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=_console.err, disable=silent,

@@ -12,15 +12,26 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dkdm_cli import _console, _fs
 from dkdm_cli._device import resolve_device
-from dkdm_cli._options import ConfigOpt, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, SetOpt, TeacherOpt
+from dkdm_cli._options import (
+    CfgOpt,
+    ClassOpt,
+    ConfigOpt,
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    SeedOpt,
+    SetOpt,
+    TeacherOpt,
+)
 from dkdm_cli.checkpoint import refuse_run_internals
-from dkdm_cli.config import SampleConfig, load_config
+from dkdm_cli.config import SampleConfig, class_list, load_config
 from dkdm_cli.errors import UserError
 from dkdm_cli.sample import (
     compare_with_teacher,
     generate,
     initial_noise,
     recorded_teacher_spec,
+    sample_labels,
     save_comparison,
     save_grid,
     save_npz,
@@ -70,7 +81,7 @@ def check_outputs(*, out: Path | None, files: dict[str, Path | None]) -> None:
 
 
 def _compare(student: Teacher, path: Path, cfg: SampleConfig, dev, noise, images: np.ndarray,
-             *, quiet: bool) -> dict:
+             *, quiet: bool, labels=None) -> dict:
     """Teacher and student grids from the same noise, side by side in one PNG."""
     from dkdm_cli.api import load_teacher
 
@@ -86,7 +97,8 @@ def _compare(student: Teacher, path: Path, cfg: SampleConfig, dev, noise, images
     with progress:
         teacher_images, student_images = compare_with_teacher(
             student, teacher, noise=noise[:k], steps=cfg.steps, sampler=cfg.sampler, eta=cfg.eta,
-            seed=cfg.seed, batch_size=cfg.batch_size, device=dev, student_images=reuse)
+            seed=cfg.seed, batch_size=cfg.batch_size, device=dev, student_images=reuse,
+            labels=None if labels is None else labels[:k], cfg=cfg.cfg_scale)
         advance(k)
     save_comparison(teacher_images, student_images, path,
                     scale=max(1, 128 // images.shape[1]))
@@ -115,6 +127,8 @@ def sample(
     compare_teacher: Annotated[Optional[Path], typer.Option(
         "--compare-teacher", help="Write the recorded teacher's grid and the student's, from "
         "the same noise, side by side to this PNG.", show_default=False)] = None,
+    classes: ClassOpt = None,
+    cfg_scale: CfgOpt = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -124,6 +138,7 @@ def sample(
     """Generate images from a teacher or a student.
 
     Example: dkdm sample --model runs/digits-unet-n --num 100 --out samples --npz samples.npz
+    Class-conditional: dkdm sample --model runs/digits-cond-unet-n --class 3 --cfg 2.0 --grid g.png
     """
     if out is None and grid is None and npz is None and compare_teacher is None:
         raise UserError("nothing to write: give --out FOLDER, --grid PNG, --npz FILE "
@@ -133,9 +148,12 @@ def sample(
     check_outputs(out=out, files={"--grid": grid, "--npz": npz, "--compare-teacher": compare_teacher})
     cfg = load_config(config, flags={"sample": dict(num=num, steps=steps, sampler=sampler, eta=eta,
                                                     seed=seed, batch_size=batch_size,
-                                                    device=device)}, sets=set_).sample
+                                                    device=device, classes=classes,
+                                                    cfg_scale=cfg_scale)}, sets=set_).sample
     dev = resolve_device(cfg.device)
     denoiser = load_source(teacher, model, ema=ema, device=str(dev))
+    labels = sample_labels(denoiser, cfg.num, seed=cfg.seed, classes=class_list(cfg.classes))
+    denoiser.denoise_fn(None if labels is None else labels[:1], cfg=cfg.cfg_scale)  # a bad --cfg
     silent = quiet or json_out
     noise = initial_noise(cfg.num, denoiser.sample_shape, seed=cfg.seed)  # (N, C, H, W)
     start = time.perf_counter()
@@ -143,21 +161,26 @@ def sample(
     with progress:
         images = generate(denoiser, num=cfg.num, steps=cfg.steps, sampler=cfg.sampler, eta=cfg.eta,
                           seed=cfg.seed, batch_size=cfg.batch_size, device=dev, noise=noise,
-                          on_batch=advance)
+                          on_batch=advance, labels=labels, cfg=cfg.cfg_scale)
     seconds = time.perf_counter() - start
     if out is not None:
         save_png_folder(images, out)
     if grid is not None:
         save_grid(images, grid, scale=max(1, 128 // images.shape[1]))
     if npz is not None:
-        save_npz(images, npz)
+        save_npz(images, npz, labels=None if labels is None else labels.numpy())
     result = {"out": str(out) if out else None, "num": int(len(images)),
               "grid": str(grid) if grid else None, "npz": str(npz) if npz else None,
               "source": teacher if teacher is not None else model, "ema": ema,
               "steps": cfg.steps, "sampler": cfg.sampler, "eta": cfg.eta, "seed": cfg.seed,
               "seconds": round(seconds, 3), "images_per_second": round(len(images) / seconds, 2)}
+    if labels is not None:
+        result.update(classes=sorted(set(labels.tolist())), cfg_scale=cfg.cfg_scale,
+                      class_counts={int(c): int(n) for c, n in
+                                    zip(*labels.unique(return_counts=True), strict=True)})
     if compare_teacher is not None:
-        result.update(_compare(denoiser, compare_teacher, cfg, dev, noise, images, quiet=silent))
+        result.update(_compare(denoiser, compare_teacher, cfg, dev, noise, images, quiet=silent,
+                               labels=labels))
     if json_out:
         _console.print_json(result)
     elif not quiet:

@@ -61,21 +61,37 @@ class DistillResult:
     exit_code: int = 0  # 130 / 143 when a stop signal ended the run
     signal: str = ""  # the stop signal's name, e.g. SIGTERM
     teacher_forwards: int = 0  # per image, start-up included, over all processes
+    num_classes: int = 0  # a class-conditional teacher's classes (0: unconditional)
+    null_class: int | None = None
+
+
+def student_label_kwargs(teacher: Teacher) -> dict[str, Any]:
+    """The student's label table for this teacher: the same classes, and a null row when the
+    teacher has a null class (so the student learns the unconditional branch too)."""
+    if not teacher.conditional:
+        return {}
+    return {"num_classes": int(teacher.num_classes), "class_null": teacher.null_class is not None}
 
 
 def build_student(cfg: Config, teacher: Teacher, device: torch.device) -> nn.Module:
-    """The student preset fitted to the teacher's sample shape and variance output."""
+    """The student preset fitted to the teacher's sample shape, variance output and classes."""
     c, h, w = teacher.sample_shape
     if h != w:
         raise ShapeMismatchError(f"teacher samples are {h}x{w}; students need square inputs")
+    labels = student_label_kwargs(teacher)
+    clash = sorted(set(labels) & set(cfg.student.kwargs))
+    if clash:
+        raise ConfigError(f"[student] kwargs {', '.join(clash)}: the student's classes follow the "
+                          "teacher's; remove them")
     # On the meta device (validation) nothing is allocated and no random numbers are drawn.
     with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
         student = create_model(cfg.student.name, image_size=h, in_channels=c,
-                               learn_sigma=teacher.learn_sigma, **cfg.student.kwargs)
+                               learn_sigma=teacher.learn_sigma, **labels, **cfg.student.kwargs)
     student = student.to(device)
+    zero = torch.zeros(1, dtype=torch.long, device=device)
     with torch.no_grad():
-        probe = student(torch.zeros(1, c, h, w, device=device), torch.zeros(1, dtype=torch.long,
-                                                                           device=device))
+        probe = student(torch.zeros(1, c, h, w, device=device), zero,
+                        *((zero,) if labels else ()))
     want = (2 * c if teacher.learn_sigma else c, h, w)
     if tuple(probe.shape[1:]) != want:
         raise ShapeMismatchError(
@@ -143,8 +159,9 @@ class Distiller:
         batch = self.source.next()
         for group in st.opt.param_groups:
             group["lr"] = _lr_at(self.cfg, st.step)
+        labels = () if batch.y is None else (batch.y,)
         with _autocast(self.device, d.precision):
-            out = self.train_model(batch.x, self.diffusion.model_timesteps(batch.t))
+            out = self.train_model(batch.x, self.diffusion.model_timesteps(batch.t), *labels)
         terms = batch.loss(out)
         st.opt.zero_grad(set_to_none=True)
         terms.loss.backward()
@@ -185,7 +202,12 @@ class Distiller:
         noise = initial_noise(d.grid_num, self.teacher.sample_shape, seed=d.seed + 2024).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(d.seed + 2025)
         shadow = self.state.ema.shadow
-        x = sample(lambda x, t: shadow(x, t).float(), self.diffusion, noise=noise,
+        if self.teacher.conditional:  # one class per grid cell, in order: the grid reads by class
+            y = (torch.arange(d.grid_num, device=self.device) % self.teacher.num_classes)  # (G,)
+            fn = lambda x, t: shadow(x, t, y).float()  # noqa: E731
+        else:
+            fn = lambda x, t: shadow(x, t).float()  # noqa: E731
+        x = sample(fn, self.diffusion, noise=noise,
                    steps=d.grid_steps, sampler=Sampler.IDDPM, clip_denoised=self.clip, generator=gen)
         images = to_uint8(self.teacher.decode(x))
         save_grid(images, self.run_dir / "grids" / f"step-{self.state.step:08d}.png",
@@ -246,6 +268,7 @@ def check_before_start(cfg: Config, teacher: Teacher) -> None:
     T = teacher.diffusion.num_timesteps
     d = cfg.distill
     build_student(cfg, teacher, torch.device("meta"))
+    check_labels_config(d, teacher)
     if d.grid_every and d.grid_steps > T:
         raise ConfigError(f"distill.grid_steps = {d.grid_steps}: the teacher has T = {T} steps; "
                           f"use at most {T}")
@@ -257,6 +280,25 @@ def check_before_start(cfg: Config, teacher: Teacher) -> None:
     if d.mode is Mode.SYNTHETIC and d.synthetic_steps > T:
         raise ConfigError(f"distill.synthetic_steps = {d.synthetic_steps}: the teacher has T = {T} "
                           f"steps; use at most {T}")
+
+
+def check_labels_config(d, teacher: Teacher) -> None:
+    """The class settings against the teacher: weights per class, guidance only with a null
+    class, and only the pool modes for a conditional teacher."""
+    if not teacher.conditional:
+        if d.class_weights or d.guidance_scale != 1.0:
+            raise ConfigError("distill.class_weights / guidance_scale: the teacher is unconditional "
+                              "(no classes)")
+        return
+    if d.mode in (Mode.SYNTHETIC, Mode.DATA):
+        raise ConfigError(f"mode {d.mode.value} is not supported for a class-conditional teacher "
+                          "yet; use dynamic (or basic/shuffle)")
+    if d.class_weights and (len(d.class_weights) != teacher.num_classes or not sum(d.class_weights)):
+        raise ConfigError(f"distill.class_weights: expected {teacher.num_classes} numbers (one per "
+                          f"class) with a positive sum, got {len(d.class_weights)}")
+    if d.guidance_scale != 1.0 and teacher.null_class is None:
+        raise ConfigError(f"distill.guidance_scale = {d.guidance_scale:g}: this teacher has no null "
+                          "class, so it has no classifier-free guidance; use 1")
 
 
 def distill(cfg: Config, *, force: bool = False, quiet: bool = False, json_out: bool = False,
@@ -304,7 +346,9 @@ def distill(cfg: Config, *, force: bool = False, quiet: bool = False, json_out: 
             path = run.save() if status == "interrupted" else checkpoint_path(run_dir, run.state.step)
         return DistillResult(run_dir, run.state.step, status, time.perf_counter() - start, last, path,
                              is_main=info.is_main, exit_code=stop.exit_code, signal=stop.name,
-                             teacher_forwards=run.teacher_forwards() * info.world_size)
+                             teacher_forwards=run.teacher_forwards() * info.world_size,
+                             num_classes=int(teacher.num_classes or 0),
+                             null_class=teacher.null_class)
     finally:
         if opened is not None:
             opened.lock.release()

@@ -16,6 +16,11 @@ in random order) and brings each from N(0, I) at T-1 down to its step:
   fast start-up, 8 DDIM jumps, held the x_0 prediction (a posterior mean) fixed over each long
   jump and so pulled states toward the mean: 26 % too little variance at t = 50 on that data.
 
+Class-conditional teachers: every state also carries a label y, drawn when the state starts
+from noise (from `LabelPlan`: a class by the class weights, or the null class with probability
+cfg_dropout), kept through its chain, redrawn when it restarts; the teacher steps it with that
+label, so each state follows one class's (or the unconditional) chain.
+
 Why the start-up must be right: a state is an exact chain state only after it has passed t = 0
 and restarted from noise, and it moves one step every rho*T iterations on average, so a state
 starting at t needs about (t + 1) rho T iterations to get there. With the defaults (rho 0.1,
@@ -36,8 +41,33 @@ import torch
 from dkdm_cli.diffusion.gaussian import GaussianDiffusion, ReverseStep, _extract
 from dkdm_cli.errors import ConfigError
 
-# (x (B, C, H, W), t (B,)) -> raw teacher output (B, C or 2C, H, W), no grad.
-TeacherFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (x (B, C, H, W), t (B,)[, y (B,)]) -> raw teacher output (B, C or 2C, H, W), no grad; called
+# with labels only when the pool has them.
+TeacherFn = Callable[..., torch.Tensor]
+
+
+def _call(teacher_fn: TeacherFn, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None):
+    return teacher_fn(x, t) if y is None else teacher_fn(x, t, y)
+
+
+@dataclass(frozen=True)
+class LabelPlan:
+    """How a state gets its class label: a class drawn by `weights` (K,), replaced by the null
+    class with probability `null_prob` (classifier-free guidance's unconditional branch)."""
+
+    weights: tuple[float, ...]  # relative class frequencies, K = number of classes
+    null_class: int | None = None
+    null_prob: float = 0.0
+
+    def draw(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Labels (n,), from `generator`; the same amount of randomness whatever comes out."""
+        probs = torch.tensor(self.weights, dtype=torch.float64, device=device)
+        y = torch.multinomial(probs, n, replacement=True, generator=generator) if n else \
+            torch.zeros(0, dtype=torch.long, device=device)  # (n,)
+        drop = torch.rand(n, generator=generator, device=device) < self.null_prob  # (n,)
+        if self.null_class is None:
+            return y
+        return torch.where(drop, torch.full_like(y, self.null_class), y)
 
 
 def pool_size(*, mode: str, rho: float, num_timesteps: int, batch_size: int) -> int:
@@ -62,8 +92,12 @@ class StatePool:
     """Chain states x (N, C, H, W) at steps t (N,), and the generator that drives them."""
 
     def __init__(self, x: torch.Tensor, t: torch.Tensor, *, num_timesteps: int,
-                 generator: torch.Generator) -> None:
-        self.x, self.t = x, t
+                 generator: torch.Generator, y: torch.Tensor | None = None,
+                 labels: LabelPlan | None = None) -> None:
+        if (y is None) != (labels is None):
+            raise ValueError("a labelled pool needs both its labels and its LabelPlan")
+        self.x, self.t, self.y = x, t, y  # y (N,) class labels of a conditional teacher's pool
+        self.labels = labels
         self.num_timesteps = num_timesteps
         self.generator = generator
         self.teacher_sample_steps = 0  # teacher sample-steps spent on start-up
@@ -74,7 +108,7 @@ class StatePool:
     @property
     def nbytes(self) -> int:
         """Memory held by the pool's tensors."""
-        return self.x.numel() * self.x.element_size() + self.t.numel() * self.t.element_size()
+        return sum(v.numel() * v.element_size() for v in (self.x, self.t, self.y) if v is not None)
 
     def randn(self, shape) -> torch.Tensor:
         """Standard normal noise from the pool's generator, on the pool's device."""
@@ -88,18 +122,23 @@ class StatePool:
         return torch.randperm(n, generator=self.generator, device=self.x.device)[:batch_size]
 
     def write_back(self, idx: torch.Tensor, x_next: torch.Tensor, t: torch.Tensor) -> None:
-        """Store x_{t-1}; states that were at t = 0 restart from fresh noise at T-1."""
+        """Store x_{t-1}; states that were at t = 0 restart from fresh noise at T-1 (with a fresh
+        label, for a conditional teacher)."""
         done = t == 0  # (B,)
         fresh = self.randn(x_next.shape)  # drawn every time so the stream does not depend on data
         self.x[idx] = torch.where(done[:, None, None, None], fresh, x_next)
         self.t[idx] = torch.where(done, torch.full_like(t, self.num_timesteps - 1), t - 1)
+        if self.labels is not None:
+            fresh_y = self.labels.draw(len(idx), self.generator, self.x.device)  # (B,)
+            self.y[idx] = torch.where(done, fresh_y, self.y[idx])
 
 
 def teacher_step(teacher_fn: TeacherFn, diffusion: GaussianDiffusion, *, x: torch.Tensor,
-                 t: torch.Tensor, noise: torch.Tensor, clip_denoised: bool) -> StepResult:
-    """ONE teacher forward on states (x, t): the output (loss target) and x_{t-1}."""
+                 t: torch.Tensor, noise: torch.Tensor, clip_denoised: bool,
+                 y: torch.Tensor | None = None) -> StepResult:
+    """ONE teacher forward on states (x, t) (labels y): the output (loss target) and x_{t-1}."""
     with torch.no_grad():
-        out = teacher_fn(x, t)  # (B, C or 2C, H, W)
+        out = _call(teacher_fn, x, t, y)  # (B, C or 2C, H, W)
         step = diffusion.p_mean_variance(out, x_t=x, t=t, clip_denoised=clip_denoised)
         return StepResult(out, step, diffusion.ancestral_step(step, x_t=x, t=t, noise=noise))
 
@@ -107,6 +146,7 @@ def teacher_step(teacher_fn: TeacherFn, diffusion: GaussianDiffusion, *, x: torc
 def _exact_chunk(teacher_fn, diffusion, pool: StatePool, idx: torch.Tensor, clip: bool, tick) -> None:
     x = pool.x[idx]  # (n, C, H, W), all at T-1
     target = pool.t[idx]  # (n,)
+    y = pool.y[idx] if pool.y is not None else None  # (n,)
     cur = diffusion.num_timesteps - 1
     while True:
         active = target < cur  # states still above their start step
@@ -116,7 +156,7 @@ def _exact_chunk(teacher_fn, diffusion, pool: StatePool, idx: torch.Tensor, clip
         xa = x[a_idx]
         t = torch.full((len(a_idx),), cur, device=x.device, dtype=torch.long)
         x[a_idx] = teacher_step(teacher_fn, diffusion, x=xa, t=t, noise=pool.randn(xa.shape),
-                                clip_denoised=clip).x_next
+                                clip_denoised=clip, y=None if y is None else y[a_idx]).x_next
         pool.teacher_sample_steps += len(a_idx)
         tick(len(a_idx))
         cur -= 1
@@ -171,6 +211,7 @@ def _solver_chunk(teacher_fn, diffusion, pool: StatePool, idx: torch.Tensor, k: 
     holds the posterior mean x_0_hat fixed over each jump and so shrinks the states' spread.
     """
     x = pool.x[idx]  # (n, C, H, W), all at T-1
+    y = pool.y[idx] if pool.y is not None else None  # (n,)
     top = diffusion.num_timesteps - 1
     span = top - pool.t[idx]  # (n,)
     jumps = fast_jumps(span, k=k, num_timesteps=top + 1, allocation=allocation)  # (n,) per state
@@ -184,7 +225,7 @@ def _solver_chunk(teacher_fn, diffusion, pool: StatePool, idx: torch.Tensor, k: 
         s_next = top - (sa * (j + 1)) // ja  # (a,) next step, the start step at j = ja - 1
         xa = x[active]
         with torch.no_grad():
-            out = teacher_fn(xa, s)
+            out = _call(teacher_fn, xa, s, None if y is None else y[active])
             x0 = diffusion.p_mean_variance(out, x_t=xa, t=s, clip_denoised=clip).pred_x0
         h = lam[s_next] - lam[s]  # (a,) step in lambda
         d = x0
@@ -229,12 +270,15 @@ def init_pool(
     *, size: int, shape: tuple[int, int, int], diffusion: GaussianDiffusion, teacher_fn: TeacherFn,
     mode: str, init: str, init_steps: int, chunk: int, clip_denoised: bool, device: torch.device,
     generator: torch.Generator, tick: Callable[[int], None] = lambda n: None,
+    labels: LabelPlan | None = None,
 ) -> StatePool:
-    """A pool of `size` states: all at T-1 (basic) or shuffled to uniform start steps."""
+    """A pool of `size` states: all at T-1 (basic) or shuffled to uniform start steps; with
+    `labels`, each state also gets a class label (a conditional teacher)."""
     T = diffusion.num_timesteps
     x = torch.randn((size, *shape), generator=generator, device=device)  # (N, C, H, W)
+    y = labels.draw(size, generator, device) if labels is not None else None  # (N,)
     t = torch.full((size,), T - 1, dtype=torch.long, device=device)
-    pool = StatePool(x, t, num_timesteps=T, generator=generator)
+    pool = StatePool(x, t, num_timesteps=T, generator=generator, y=y, labels=labels)
     if mode == "basic":
         return pool
     pool.t = start_steps(size, num_timesteps=T, generator=generator, device=device)

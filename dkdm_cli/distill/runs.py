@@ -201,6 +201,11 @@ def announce(obs, cfg: Config, info, teacher, student, count_parameters) -> None
     )
     if teacher.space_note():  # latent teachers: decode scale and clipping, said once
         obs.message(teacher.space_note())
+    if teacher.conditional:
+        null = (f"null class {teacher.null_class} on {d.cfg_dropout:.0%} of states"
+                if teacher.null_class is not None else "no null class (no guidance)")
+        guide = f", guided targets at scale {d.guidance_scale:g}" if d.guidance_scale != 1 else ""
+        obs.message(f"class-conditional: {teacher.num_classes} classes, {null}{guide}")
     obs.message(
         f"mode {d.mode}, effective batch {d.batch_size * info.world_size} "
         f"({info.world_size} process(es) x {d.batch_size}), lr {d.lr:g}, {d.iterations} iterations"

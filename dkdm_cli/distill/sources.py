@@ -6,8 +6,9 @@ ImageSource    synthetic (teacher samples generated once, the data-free baseline
                images, the data-driven reference): clean x_0 noised by q(x_t | x_0), trained with
                improved-diffusion's L_hybrid.
 
-Each yields a `Batch`: the student's inputs and the function from the student's output to the
-loss, so the training iteration has no branch on the mode. Each also counts teacher forwards
+Each yields a `Batch`: the student's inputs (with class labels for a conditional teacher) and the
+function from the student's output to the loss, so the training iteration has no branch on the
+mode. Each also counts teacher forwards
 (one per image per teacher evaluation): those of its start-up and those per iteration.
 """
 
@@ -24,10 +25,16 @@ import torch
 
 from dkdm_cli.config import DistillConfig, Init, Mode
 from dkdm_cli.diffusion.gaussian import GaussianDiffusion
+from dkdm_cli.diffusion.guidance import guided
 from dkdm_cli.distill.objective import LossTerms, dkdm_loss, hybrid_loss
-from dkdm_cli.distill.pool import StatePool, expected_init_steps, pool_size, teacher_step
-
-TeacherFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from dkdm_cli.distill.pool import (
+    LabelPlan,
+    StatePool,
+    TeacherFn,
+    expected_init_steps,
+    pool_size,
+    teacher_step,
+)
 
 
 @dataclass
@@ -37,34 +44,40 @@ class Batch:
     x: torch.Tensor  # (B, C, H, W) x_t
     t: torch.Tensor  # (B,) steps 0..T-1
     loss: Callable[[torch.Tensor], LossTerms]  # student output (B, C or 2C, H, W) -> terms
+    y: torch.Tensor | None = None  # (B,) class labels (conditional teachers), null class included
 
 
 class PoolSource:
     """Chain states of the teacher (the DKDM modes)."""
 
     def __init__(self, pool: StatePool, *, teacher_fn: TeacherFn, diffusion: GaussianDiffusion,
-                 batch_size: int, clip_denoised: bool, lam: float, startup_forwards: int) -> None:
+                 batch_size: int, clip_denoised: bool, lam: float, startup_forwards: int,
+                 forwards_per_state: int = 1) -> None:
         self.pool, self.teacher_fn, self.diffusion = pool, teacher_fn, diffusion
         self.batch_size, self.clip, self.lam = batch_size, clip_denoised, lam
         self.startup_forwards = startup_forwards
-        self.forwards_per_iteration = batch_size
+        self.forwards_per_iteration = batch_size * forwards_per_state  # 2 with guidance
 
     def next(self) -> Batch:
         """Draw b states, take ONE teacher step on them, write the new states back."""
         pool = self.pool
         idx = pool.draw(self.batch_size)
         x, t = pool.x[idx], pool.t[idx]  # (b, C, H, W), (b,)
+        y = pool.y[idx] if pool.y is not None else None  # (b,)
         res = teacher_step(self.teacher_fn, self.diffusion, x=x, t=t, noise=pool.randn(x.shape),
-                           clip_denoised=self.clip)
+                           clip_denoised=self.clip, y=y)
         pool.write_back(idx, res.x_next, t)
         loss = functools.partial(_dkdm_terms, self.diffusion, res, x, t, self.lam, self.clip)
-        return Batch(x, t, loss)
+        return Batch(x, t, loss, y)
 
     def tensors(self, *, save_data: bool) -> dict[str, torch.Tensor]:
-        """Checkpoint tensors: the pool's RNG stream, and the pool itself when `save_data`."""
+        """Checkpoint tensors: the pool's RNG stream, and the pool itself (with its labels) when
+        `save_data`."""
         out = {"rng/pool": self.pool.generator.get_state()}
         if save_data:
             out["pool/x"], out["pool/t"] = self.pool.x, self.pool.t
+            if self.pool.y is not None:
+                out["pool/y"] = self.pool.y
         return out
 
 
@@ -176,6 +189,30 @@ def build_source(d: DistillConfig, *, teacher, device: torch.device, seed: int, 
     return Built(source, restored, startup if ckpt is None else None)
 
 
+def label_plan(d: DistillConfig, teacher) -> LabelPlan | None:
+    """How the pool labels its states for this teacher (None: an unconditional teacher)."""
+    if not teacher.conditional:
+        return None
+    weights = tuple(d.class_weights) or (1.0,) * teacher.num_classes
+    return LabelPlan(weights=weights, null_class=teacher.null_class,
+                     null_prob=d.cfg_dropout if teacher.null_class is not None else 0.0)
+
+
+def teacher_function(d: DistillConfig, teacher) -> tuple[TeacherFn, int]:
+    """(the function the pool steps states with, teacher forwards per state): the teacher's own
+    output, or with `guidance_scale` != 1 its classifier-free-guided output (one batched forward
+    of 2 per state, conditional and null label)."""
+    if not teacher.conditional or d.guidance_scale == 1.0:
+        return teacher.model_output, 1
+    channels = teacher.sample_shape[0]
+
+    def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return guided(teacher.model_output, y=y, null_class=teacher.null_class,
+                      scale=d.guidance_scale, channels=channels)(x, t)
+
+    return fn, 2
+
+
 def _pool_source(d: DistillConfig, mode: Mode, *, teacher, device, gen, ckpt, distributed, obs,
                  startup_forwards: int) -> Built:
     from dkdm_cli.distill.pool import init_pool
@@ -184,10 +221,13 @@ def _pool_source(d: DistillConfig, mode: Mode, *, teacher, device, gen, ckpt, di
     T = teacher.diffusion.num_timesteps
     clip = teacher.settings.clip_denoised
     size = pool_size(mode=mode, rho=d.rho, num_timesteps=T, batch_size=d.batch_size)
-    kw = dict(teacher_fn=teacher.model_output, diffusion=teacher.diffusion,
-              batch_size=d.batch_size, clip_denoised=clip, lam=d.vlb_lambda)
+    teacher_fn, per_state = teacher_function(d, teacher)
+    labels = label_plan(d, teacher)
+    kw = dict(teacher_fn=teacher_fn, diffusion=teacher.diffusion, batch_size=d.batch_size,
+              clip_denoised=clip, lam=d.vlb_lambda, forwards_per_state=per_state)
     if ckpt is not None and not distributed:
-        pool = pool_from_checkpoint(ckpt, num_timesteps=T, size=size, device=device, generator=gen)
+        pool = pool_from_checkpoint(ckpt, num_timesteps=T, size=size, device=device, generator=gen,
+                                    labels=labels)
         if pool is not None:
             return Built(PoolSource(pool, startup_forwards=startup_forwards, **kw), True)
     init = Init(d.init)
@@ -196,14 +236,19 @@ def _pool_source(d: DistillConfig, mode: Mode, *, teacher, device, gen, ckpt, di
     obs.phase(f"start-up ({init.value}) teacher steps", total=max(total, 1))
     start = time.perf_counter()
     pool = init_pool(size=size, shape=tuple(teacher.sample_shape), diffusion=teacher.diffusion,
-                     teacher_fn=teacher.model_output, mode=mode, init=init,
+                     teacher_fn=teacher_fn, mode=mode, init=init,
                      init_steps=d.init_steps, chunk=d.init_batch_size, clip_denoised=clip,
-                     device=device, generator=gen, tick=obs.advance)
+                     device=device, generator=gen, tick=obs.advance, labels=labels)
+    forwards = pool.teacher_sample_steps * per_state
     startup = {"mode": mode.value, "pool_size": len(pool), "pool_bytes": pool.nbytes,
                "init": init.value if mode is not Mode.BASIC else "none",
-               "teacher_forwards": pool.teacher_sample_steps,
-               "seconds": round(time.perf_counter() - start, 3)}
-    source = PoolSource(pool, startup_forwards=pool.teacher_sample_steps, **kw)
+               "teacher_forwards": forwards, "seconds": round(time.perf_counter() - start, 3)}
+    if labels is not None:
+        startup["labels"] = {"classes": teacher.num_classes, "null_class": labels.null_class,
+                             "null_fraction": float((pool.y == labels.null_class).float().mean())
+                             if labels.null_class is not None else 0.0,
+                             "guidance_scale": d.guidance_scale}
+    source = PoolSource(pool, startup_forwards=forwards, **kw)
     return Built(source, False, startup if ckpt is None else None)
 
 

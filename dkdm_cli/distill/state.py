@@ -11,7 +11,7 @@ from torch import nn
 
 from dkdm_cli.checkpoint import Checkpoint, optimizer_tensors, restore_optimizer
 from dkdm_cli.distill.ema import EMA
-from dkdm_cli.distill.pool import StatePool
+from dkdm_cli.distill.pool import LabelPlan, StatePool
 from dkdm_cli.errors import CheckpointError
 from dkdm_cli.models.io import load_state_strict
 
@@ -60,12 +60,18 @@ def student_settings(teacher_settings):
 
 
 def pool_from_checkpoint(ckpt: Checkpoint, *, num_timesteps: int, size: int, device: torch.device,
-                         generator: torch.Generator) -> StatePool | None:
-    """The stored pool with its generator stream, or None when the checkpoint has no pool."""
+                         generator: torch.Generator, labels: LabelPlan | None = None) -> StatePool | None:
+    """The stored pool (with its labels, for a conditional teacher) and its generator stream, or
+    None when the checkpoint has no pool."""
     if "pool/x" not in ckpt.tensors:
         return None
     x, t = ckpt.tensors["pool/x"], ckpt.tensors["pool/t"]
     if x.shape[0] != size:
         raise CheckpointError(f"{ckpt.path}: stored pool has {x.shape[0]} states, this run needs {size}")
+    y = ckpt.tensors.get("pool/y")
+    if (y is None) != (labels is None):
+        raise CheckpointError(f"{ckpt.path}: the stored pool {'has no' if y is None else 'has'} class "
+                              f"labels but the teacher is {'' if labels else 'un'}conditional")
     generator.set_state(ckpt.tensors["rng/pool"])
-    return StatePool(x.to(device), t.to(device), num_timesteps=num_timesteps, generator=generator)
+    return StatePool(x.to(device), t.to(device), num_timesteps=num_timesteps, generator=generator,
+                     y=None if y is None else y.to(device), labels=labels)

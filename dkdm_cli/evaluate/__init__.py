@@ -120,11 +120,24 @@ def is_image_folder(path: Path) -> bool:
 
 
 def _generate(model, *, cfg: EvalConfig, seed: int, num: int, device, progress: Progress,
-              label: str) -> np.ndarray:
-    from dkdm_cli.sample import generate
+              label: str) -> tuple[np.ndarray, Any]:
+    """(images (N, H, W, C) uint8, class labels (N,) or None): a class-conditional model samples
+    `cfg.classes` in turn (or all classes uniformly) at guidance `cfg.cfg_scale`."""
+    from dkdm_cli.config import class_list
+    from dkdm_cli.sample import generate, sample_labels
 
-    return generate(model, num=num, steps=cfg.steps, sampler=cfg.sampler, eta=0.0, seed=seed,
-                    batch_size=cfg.batch_size, device=device, on_batch=progress(label, num))
+    labels = sample_labels(model, num, seed=seed, classes=class_list(cfg.classes))
+    images = generate(model, num=num, steps=cfg.steps, sampler=cfg.sampler, eta=0.0, seed=seed,
+                      batch_size=cfg.batch_size, device=device, on_batch=progress(label, num),
+                      labels=labels, cfg=cfg.cfg_scale)
+    return images, labels
+
+
+def _label_info(model, labels, cfg: EvalConfig) -> dict[str, Any]:
+    if labels is None:
+        return {}
+    return {"classes": sorted(set(labels.tolist())), "cfg_scale": cfg.cfg_scale,
+            "num_classes": int(model.num_classes)}
 
 
 def check_samples(spec: str) -> None:
@@ -141,24 +154,28 @@ def check_samples(spec: str) -> None:
 
 
 def open_samples(spec: str, *, cfg: EvalConfig, ema: bool, device, progress: Progress):
-    """(ImageSet, model or None): a folder, an .npz's arr_0, or `cfg.num` fresh samples of a
-    run directory / exported student / teacher spec."""
+    """(ImageSet, model or None, class labels or None): a folder, an .npz's arr_0, or `cfg.num`
+    fresh samples of a run directory / exported student / teacher spec (with their labels when
+    the model is class-conditional)."""
     path = Path(spec).expanduser()
+    if cfg.classes and (path.is_dir() and is_image_folder(path) or path.suffix == ".npz"):
+        raise UserError("--class filters what a model samples; these are stored images")
     if path.is_file() and path.suffix == ".npz":
         images, _stats = read_npz(path)
         if images is None:
             raise UserError(f"{path}: holds statistics but no images (arr_0) to score")
-        return images, None
+        return images, None, None
     if path.is_dir() and is_image_folder(path):
-        return folder_images(path), None
+        return folder_images(path), None, None
     model = _load_model(spec, ema=ema, device=str(device))
-    images = _generate(model, cfg=cfg, seed=cfg.seed, num=cfg.num, device=device,
-                       progress=progress, label="sampling")
+    images, labels = _generate(model, cfg=cfg, seed=cfg.seed, num=cfg.num, device=device,
+                               progress=progress, label="sampling")
     info = {"generated": True, "sampler": cfg.sampler, "steps": cfg.steps, "eta": 0.0,
-            "seed": cfg.seed, "batch_size": cfg.batch_size, "device": device.type}
+            "seed": cfg.seed, "batch_size": cfg.batch_size, "device": device.type,
+            **_label_info(model, labels, cfg)}
     if isinstance(model.info, dict) and "step" in model.info:
         info.update(step=model.info["step"], ema=ema)
-    return array_images(images, source=spec, info=info), model
+    return array_images(images, source=spec, info=info), model, labels
 
 
 # -- the reference ---------------------------------------------------------------------------
@@ -204,6 +221,8 @@ def _teacher_reference(model, teacher: str | None, *, num: int, cfg: EvalConfig,
     key = {"teacher": spec, "identity": teacher_identity(spec), "sampler": cfg.sampler,
            "steps": cfg.steps, "num": num, "seed": seed, "eta": 0.0,
            "batch_size": cfg.batch_size, "device": device.type}
+    if cfg.classes or cfg.cfg_scale != 1.0:  # keys of unconditional references stay as they were
+        key.update(classes=list(cfg.classes), cfg_scale=cfg.cfg_scale)
     path = reference_cache_path(key)
     desc = {"kind": "teacher", "teacher": spec, "sampler": cfg.sampler, "steps": cfg.steps,
             "num": num, "seed": seed, "eta": 0.0, "batch_size": cfg.batch_size,
@@ -215,8 +234,9 @@ def _teacher_reference(model, teacher: str | None, *, num: int, cfg: EvalConfig,
     from dkdm_cli.api import load_teacher
 
     model_t = load_teacher(spec, device=str(device))
-    arr = _generate(model_t, cfg=cfg, seed=seed, num=num, device=device, progress=progress,
-                    label="teacher reference")
+    arr, labels = _generate(model_t, cfg=cfg, seed=seed, num=num, device=device, progress=progress,
+                            label="teacher reference")
+    desc.update(_label_info(model_t, labels, cfg))
     if use_cache:
         store_reference(path, arr, key)
     return array_images(arr, source=f"teacher:{spec}"), None, desc | {"cached": False}
@@ -310,28 +330,39 @@ def evaluate(
     progress = progress or _no_progress
     device = resolve_device(cfg.device)
     check_samples(samples)  # a typo fails here, before anything is hashed, cached or sampled
+    inception = wanted - M.NO_INCEPTION
     # Weights first: offline without them, fail before minutes of sampling.
-    weights = resolve_weights(cfg.inception_weights or None, quiet=quiet, cache_dir=cache_dir())
-    if wanted - {"isc"}:
+    weights = resolve_weights(cfg.inception_weights or None, quiet=quiet, cache_dir=cache_dir()) \
+        if inception else None
+    if inception - {"isc"}:
         check_reference(cfg.reference)
-    sample_set, model = open_samples(samples, cfg=cfg, ema=ema, device=device, progress=progress)
+    sample_set, model, labels = open_samples(samples, cfg=cfg, ema=ema, device=device,
+                                             progress=progress)
+    values, extra = {}, {}
+    if "consistency" in wanted:
+        values["consistency"], extra = _consistency(sample_set, labels, model)
+    if not inception:
+        return EvalResult(values=values, samples=sample_set.describe() | extra,
+                          reference={"kind": "none"}, extractor={"kind": "digits classifier"},
+                          settings={"metrics": sorted(wanted)}, bounds=bounds,
+                          seconds=time.perf_counter() - start)
     ref_seed = cfg.seed + REFERENCE_SEED_OFFSET if reference_seed is None else reference_seed
     ref_set, stats, ref_desc = None, None, {"kind": "none"}  # the Inception Score needs none
-    if wanted - {"isc"}:
+    if inception - {"isc"}:
         ref_set, stats, ref_desc = open_reference(
             cfg.reference, model=model, teacher=teacher, num=sample_set.num, cfg=cfg,
             seed=ref_seed, device=device, progress=progress, use_cache=use_cache)
     provided = _stats_provide(stats, settings)
-    need_s = M.groups_for(wanted, settings, samples=True)
-    need_r = M.groups_for(wanted - {"isc"}, settings, samples=False, ref_stats=provided)
+    need_s = M.groups_for(inception, settings, samples=True)
+    need_r = M.groups_for(inception - {"isc"}, settings, samples=False, ref_stats=provided)
     if need_r and ref_set is None:
-        raise UserError(f"{cfg.reference}: {', '.join(sorted(wanted - provided - {'isc'}))} "
+        raise UserError(f"{cfg.reference}: {', '.join(sorted(inception - provided - {'isc'}))} "
                         "need reference images (arr_0), and this .npz holds only statistics")
     feats = _Features(weights, need_s | need_r, device=device, batch_size=cfg.batch_size,
                       progress=progress, use_cache=use_cache)
     fs = feats(sample_set, need_s, "features (samples)")
     fr = feats(ref_set, need_r, "features (reference)") if ref_set is not None else {}
-    values = compute(wanted, fs, fr, stats, settings)
+    values.update(compute(inception, fs, fr, stats, settings))
     if ref_set is not None:
         ref_desc = ref_desc | {"num": ref_set.num, "sha256": ref_set.sha256}
     import torch_fidelity
@@ -342,9 +373,23 @@ def evaluate(
     if "kid" in wanted:
         used["kid_subset_size_used"] = min(settings.kid_subset_size, sample_set.num,
                                            ref_set.num if ref_set is not None else sample_set.num)
-    return EvalResult(values=values, samples=sample_set.describe(), reference=ref_desc,
+    return EvalResult(values=values, samples=sample_set.describe() | extra, reference=ref_desc,
                       extractor=extractor, settings=used, bounds=bounds,
                       seconds=time.perf_counter() - start)
+
+
+def _consistency(sample_set: ImageSet, labels, model) -> tuple[float, dict[str, Any]]:
+    """(overall class consistency, per-class figures) of class-conditional digits samples."""
+    from dkdm_cli.quality.digits import NUM_CLASSES, class_consistency
+
+    if labels is None:
+        raise UserError("--consistency needs a class-conditional model sampled on the fly "
+                        "(a run directory, export or teacher); stored images carry no classes")
+    if model.num_classes != NUM_CLASSES or tuple(model.sample_shape) != (1, 16, 16):
+        raise UserError("--consistency uses the digits classifier: it scores class-conditional "
+                        "16x16x1 models with ten classes (digits-cond and its students)")
+    out = class_consistency(sample_set._array, labels)  # generated: always in memory
+    return out["consistency"], {"consistency_per_class": out["per_class"]}
 
 
 __all__ = ["Bound", "EvalResult", "MetricSettings", "evaluate", "parse_bound", "requested_metrics"]

@@ -19,13 +19,16 @@ import torch
 from dkdm_cli.errors import UserError
 from dkdm_cli.evaluate.inception import LOGITS, POOL, SPATIAL
 
-METRIC_FLAGS = ("fid", "isc", "kid", "prc", "sfid")
+METRIC_FLAGS = ("fid", "isc", "kid", "prc", "sfid", "consistency")
+# Metrics that need no Inception network (the digits classifier's class consistency).
+NO_INCEPTION = frozenset({"consistency"})
 # Every value a run can report, with the flag that computes it and which way is better.
 VALUES = {
     "fid": ("fid", "lower"), "sfid": ("sfid", "lower"),
     "isc": ("isc", "higher"), "isc_std": ("isc", "-"),
     "kid": ("kid", "lower"), "kid_std": ("kid", "-"),
     "precision": ("prc", "higher"), "recall": ("prc", "higher"), "f_score": ("prc", "higher"),
+    "consistency": ("consistency", "higher"),
 }
 ALIASES = {"is": "isc", "inception_score": "isc", "kid_mean": "kid", "isc_mean": "isc"}
 

@@ -23,6 +23,17 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb  # (B, dim)
 
 
+def label_table(num_classes: int, dim: int, *, null: bool) -> nn.Embedding | None:
+    """The class-label embedding of a conditional model: `num_classes` rows, plus a null row at
+    index `num_classes` when `null` (classifier-free guidance's "no class", as DiT lays it out);
+    None for an unconditional model (num_classes 0)."""
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    if null and not num_classes:
+        raise ValueError("a null class needs num_classes > 0")
+    return nn.Embedding(num_classes + int(null), dim) if num_classes else None
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 (ADM's choice: half-precision statistics are unstable)."""
 

@@ -1,5 +1,6 @@
 """The ViT family: DiT (Peebles & Xie) with adaLN-Zero blocks on timm's Attention, Mlp and
-PatchEmbed, unconditional, with a fixed 2-D sin-cos position embedding."""
+PatchEmbed, a fixed 2-D sin-cos position embedding, and optionally DiT's class-label table (with
+a null row for classifier-free guidance) added to the timestep embedding."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from timm.layers import Attention, Mlp, PatchEmbed
 from torch import nn
 
 from dkdm_cli.errors import ShapeMismatchError
-from dkdm_cli.models._blocks import timestep_embedding
+from dkdm_cli.models._blocks import label_table, timestep_embedding
 from dkdm_cli.models.registry import MODELS
 
 
@@ -51,12 +52,12 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """forward(x (B, C, H, W), t (B,)) -> (B, out_channels, H, W)."""
+    """forward(x (B, C, H, W), t (B,)[, y (B,)]) -> (B, out_channels, H, W)."""
 
     def __init__(
         self, *, image_size: int, in_channels: int, out_channels: int, patch_size: int,
         hidden_size: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
-        frequency_embedding_size: int = 256,
+        frequency_embedding_size: int = 256, num_classes: int = 0, class_null: bool = False,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -74,6 +75,9 @@ class DiT(nn.Module):
             nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
             nn.Linear(hidden_size, hidden_size),
         )
+        self.num_classes = num_classes
+        self.null_class = num_classes if class_null else None
+        self.y_embedder = label_table(num_classes, hidden_size, null=class_null)
         grid = image_size // patch_size
         self.register_buffer(
             "pos_embed",
@@ -97,6 +101,8 @@ class DiT(nn.Module):
         nn.init.zeros_(self.x_embedder.proj.bias)
         for lin in (self.t_embedder[0], self.t_embedder[2]):
             nn.init.normal_(lin.weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
         # adaLN-Zero: every block and the output start as the identity / zero.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -112,8 +118,9 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Predict the output for noisy x at (original-scale) timesteps t."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the output for noisy x at (original-scale) timesteps t (and class labels y (B,)
+        for a class-conditional DiT)."""
         # The position embedding fixes the token grid, so only the built size is accepted.
         if tuple(x.shape[-3:]) != (self.in_channels, self.image_size, self.image_size):
             raise ShapeMismatchError(
@@ -122,6 +129,11 @@ class DiT(nn.Module):
             )
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, N, D)
         c = self.t_embedder(timestep_embedding(t, self.freq_dim).to(x.dtype))  # (B, D)
+        if (y is None) != (self.y_embedder is None):
+            raise ShapeMismatchError("class labels are required by a class-conditional DiT and "
+                                     "refused by an unconditional one")
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y).to(c.dtype)  # (B, D)
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.final_adaLN(c).chunk(2, dim=1)

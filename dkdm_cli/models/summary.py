@@ -29,19 +29,21 @@ class ModelSummary:
 
 
 def summarize(name: str, *, image_size: int, channels: int, learn_sigma: bool = True,
-              flops: bool = True) -> ModelSummary:
-    """Parameters and GFLOPs of `name` built for the given image shape."""
+              flops: bool = True, num_classes: int = 0) -> ModelSummary:
+    """Parameters and GFLOPs of `name` built for the given image shape (with a label table of
+    `num_classes` classes plus a null class, as a class-conditional teacher's student has)."""
     family = MODELS.resolve(name).split("-")[0]  # registry names are "<family>-<size>"
+    labels = dict(num_classes=num_classes, class_null=True) if num_classes else {}
     try:
         with torch.device("meta"):
             model = create_model(name, image_size=image_size, in_channels=channels,
-                                 learn_sigma=learn_sigma)
+                                 learn_sigma=learn_sigma, **labels)
             gflops = None
             if flops:
                 x = torch.empty(1, channels, image_size, image_size)
                 t = torch.zeros(1, dtype=torch.long)
                 with FlopCounterMode(display=False) as counter:
-                    model(x, t)
+                    model(x, t, *((t,) if labels else ()))
                 gflops = counter.get_total_flops() / 1e9
     except ShapeMismatchError as exc:
         return ModelSummary(name, family, None, None, False, str(exc))
@@ -49,7 +51,7 @@ def summarize(name: str, *, image_size: int, channels: int, learn_sigma: bool = 
 
 
 def summarize_all(*, image_size: int, channels: int, learn_sigma: bool = True,
-                  flops: bool = True) -> list[ModelSummary]:
+                  flops: bool = True, num_classes: int = 0) -> list[ModelSummary]:
     """A summary of every registered model."""
     return [summarize(n, image_size=image_size, channels=channels, learn_sigma=learn_sigma,
-                      flops=flops) for n in MODELS.names()]
+                      flops=flops, num_classes=num_classes) for n in MODELS.names()]

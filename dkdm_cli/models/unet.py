@@ -12,6 +12,7 @@ from dkdm_cli.models._blocks import (
     ResBlock,
     TimestepSequential,
     Upsample,
+    label_table,
     norm_layer,
     timestep_embedding,
     zero_module,
@@ -20,8 +21,9 @@ from dkdm_cli.models.registry import MODELS
 
 
 class UNet(nn.Module):
-    """ADM UNet. forward(x (B, C, H, W), t (B,)) -> (B, out_channels, H, W), for any H and W
-    that the stride 2**(len(channel_mult) - 1) divides.
+    """ADM UNet. forward(x (B, C, H, W), t (B,)[, y (B,)]) -> (B, out_channels, H, W), for any H
+    and W that the stride 2**(len(channel_mult) - 1) divides; y are class labels when built with
+    num_classes > 0 (ADM's class_cond; `class_null` adds a null row at index num_classes).
 
     Module names follow improved-diffusion's UNetModel, so its checkpoints map onto this class
     by renaming only the attention projections (see teachers/adm.py). improved-diffusion has no
@@ -35,7 +37,8 @@ class UNet(nn.Module):
         num_res_blocks: int, attention_resolutions: tuple[int, ...] = (), dropout: float = 0.0,
         channel_mult: tuple[int, ...] = (1, 2, 2, 2), num_heads: int = 4,
         num_head_channels: int = -1, use_scale_shift_norm: bool = True,
-        resblock_updown: bool = False, conv_resample: bool = True,
+        resblock_updown: bool = False, conv_resample: bool = True, num_classes: int = 0,
+        class_null: bool = False,
     ) -> None:
         super().__init__()
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
@@ -45,6 +48,10 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
+        # Class-conditional: ADM adds a label embedding to the timestep embedding (same key name).
+        self.num_classes = num_classes
+        self.null_class = num_classes if class_null else None
+        self.label_emb = label_table(num_classes, emb_dim, null=class_null)
 
         def attn(ch: int) -> AttentionBlock:
             return AttentionBlock(ch, num_heads=num_heads, num_head_channels=num_head_channels)
@@ -87,8 +94,9 @@ class UNet(nn.Module):
             norm_layer(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
         )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Predict the output for noisy x at (original-scale) timesteps t."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the output for noisy x at (original-scale) timesteps t (and class labels y (B,)
+        for a class-conditional UNet)."""
         if x.shape[-1] % self.stride or x.shape[-2] % self.stride:
             raise ShapeMismatchError(
                 f"input {tuple(x.shape[-2:])} is not divisible by the UNet's stride {self.stride}"
@@ -96,6 +104,11 @@ class UNet(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ShapeMismatchError(f"this UNet takes {self.in_channels} channels, got {x.shape[1]}")
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))  # (B, 4mc)
+        if (y is None) != (self.label_emb is None):
+            raise ShapeMismatchError("class labels are required by a class-conditional UNet and "
+                                     "refused by an unconditional one")
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(y).to(emb.dtype)  # (B, 4mc)
         hs = []  # every input block's output, consumed in reverse by the output blocks
         h = x
         for block in self.input_blocks:

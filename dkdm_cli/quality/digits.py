@@ -72,6 +72,11 @@ def load_real_digits() -> torch.Tensor:
     return _sklearn_digits()[0].clone()
 
 
+def load_real_digit_labels() -> torch.Tensor:
+    """The 1,797 real digits' labels (1797,) 0..9, in the order of `load_real_digits`."""
+    return _sklearn_digits()[1].clone()
+
+
 def split_indices() -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held_out) indices into the 1,797 digits: a fixed permutation, 1,000 / 797."""
     perm = torch.randperm(NUM_DIGITS, generator=torch.Generator().manual_seed(SPLIT_SEED))
@@ -293,3 +298,23 @@ def nearest_real_distance(images: np.ndarray | torch.Tensor) -> dict[str, float]
         "samples_median": float(to_real.median()), "samples_q10": float(to_real.quantile(0.1)),
         "real_median": float(real_real.median()), "real_q10": float(real_real.quantile(0.1)),
     }
+
+
+def class_consistency(images: np.ndarray | torch.Tensor, labels: torch.Tensor | np.ndarray) -> dict[str, Any]:
+    """How often a class-conditional digits model draws the digit it was asked for: the fraction
+    of samples of class c that the classifier labels c, per class and over all samples.
+
+    images: uint8 (N, 16, 16, 1) or float [-1, 1] (N, 1, 16, 16); labels (N,) in 0..9.
+    """
+    x = as_classifier_input(images)
+    y = torch.as_tensor(np.asarray(labels)).long()
+    if y.shape != (len(x),):
+        raise ShapeMismatchError(f"{len(x)} images but labels of shape {tuple(y.shape)}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= NUM_CLASSES):
+        raise UserError(f"class consistency is for the ten digit classes 0..9, got labels "
+                        f"{int(y.min())}..{int(y.max())}")
+    _, probs = _probe(x)
+    hit = (probs.argmax(dim=1) == y).float()  # (N,)
+    per_class = {int(c): round(float(hit[y == c].mean()), 6) for c in y.unique()}
+    return {"consistency": float(hit.mean()), "per_class": per_class,
+            "counts": {int(c): int((y == c).sum()) for c in y.unique()}}

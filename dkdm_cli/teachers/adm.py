@@ -12,6 +12,10 @@ ADM's default ("legacy") QKV attention orders the 3C qkv channels as (heads, 3, 
 as (3, heads, head_dim), so those rows are permuted. guided-diffusion's use_new_attention_order
 already uses timm's order. Every key must match: a missing, extra or mis-shaped weight is an
 error that names it, in ADM's own key names.
+
+class_cond=True (ImageNet's 1000 labels, both libraries' NUM_CLASSES) adds ADM's
+`label_emb.weight` (1000, 4 * num_channels), same name and layout in our UNet; the teacher then
+takes labels 0..999. These checkpoints have no null label, so no classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -79,10 +83,37 @@ ADM_PRESETS: dict[str, dict[str, Any]] = {
                            attention_resolutions="32,16,8", num_head_channels=64,
                            resblock_updown=True, learn_sigma=True, noise_schedule="linear",
                            diffusion_steps=1000, use_fp16=True, use_scale_shift_norm=True),
+    # Class-conditional ImageNet (1000 labels, no null label). openai/improved-diffusion README,
+    # imagenet64_cond_270M_250K.pt ("Class-conditional ImageNet-64 model (270M parameters)")
+    "iddpm-imagenet64-cond": dict(image_size=64, num_channels=192, num_res_blocks=3,
+                                  learn_sigma=True, class_cond=True, diffusion_steps=4000,
+                                  noise_schedule="cosine", rescale_learned_sigmas=False,
+                                  rescale_timesteps=False),
+    # openai/guided-diffusion README ("Classifier guidance" MODEL_FLAGS), 64x64_diffusion.pt
+    "adm-64-cond": dict(_GUIDED, image_size=64, num_channels=192, num_res_blocks=3,
+                        attention_resolutions="32,16,8", num_head_channels=64, resblock_updown=True,
+                        use_new_attention_order=True, learn_sigma=True, class_cond=True,
+                        dropout=0.1, noise_schedule="cosine", diffusion_steps=1000, use_fp16=True,
+                        use_scale_shift_norm=True),
+    # openai/guided-diffusion README, 128x128_diffusion.pt
+    "adm-128-cond": dict(_GUIDED, image_size=128, num_channels=256, num_res_blocks=2,
+                         attention_resolutions="32,16,8", num_heads=4, resblock_updown=True,
+                         learn_sigma=True, class_cond=True, noise_schedule="linear",
+                         diffusion_steps=1000, use_fp16=True, use_scale_shift_norm=True),
+    # openai/guided-diffusion README, 256x256_diffusion.pt
+    "adm-256-cond": dict(_GUIDED, image_size=256, num_channels=256, num_res_blocks=2,
+                         attention_resolutions="32,16,8", num_head_channels=64,
+                         resblock_updown=True, learn_sigma=True, class_cond=True,
+                         noise_schedule="linear", diffusion_steps=1000, use_fp16=True,
+                         use_scale_shift_norm=True),
 }
 # improved-diffusion's channel multipliers (32, 64, 256) and guided-diffusion's (128).
 _DEFAULT_MULT = {32: (1, 2, 2, 2), 64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
 _ADM_GROUPS = 32  # ADM's normalization() is always GroupNorm(32, C)
+# script_util.NUM_CLASSES of both libraries: class_cond means ImageNet's 1000 labels, embedded by
+# label_emb = nn.Embedding(1000, 4 * num_channels) and added to the timestep embedding. There is no
+# null label (they were trained without label dropout), so no classifier-free guidance.
+NUM_CLASSES = 1000
 _TRUE, _FALSE = {"true", "t", "yes", "y", "1"}, {"false", "f", "no", "n", "0"}
 
 
@@ -142,8 +173,6 @@ def _ints(name: str, text: str) -> tuple[int, ...]:
 
 def unet_kwargs(flags: ADMFlags) -> dict[str, Any]:
     """Our UNet's constructor arguments for these flags (ADM's create_model, checked)."""
-    if flags.class_cond:
-        raise TeacherError("class-conditional ADM checkpoints (class_cond) are not supported yet")
     size = flags.image_size
     if flags.channel_mult:
         mult = _ints("channel_mult", flags.channel_mult)
@@ -164,7 +193,8 @@ def unet_kwargs(flags: ADMFlags) -> dict[str, Any]:
                 attention_resolutions=attention_ds, dropout=flags.dropout, channel_mult=mult,
                 num_heads=flags.num_heads, num_head_channels=flags.num_head_channels,
                 use_scale_shift_norm=flags.use_scale_shift_norm,
-                resblock_updown=flags.resblock_updown, conv_resample=True)
+                resblock_updown=flags.resblock_updown, conv_resample=True,
+                num_classes=NUM_CLASSES if flags.class_cond else 0, class_null=False)
 
 
 def build_unet(flags: ADMFlags, *, device: torch.device | str = "cpu") -> UNet:
@@ -284,11 +314,24 @@ def check_adm_keys(state: dict[str, torch.Tensor], model: torch.nn.Module, *, so
         if keys:
             more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
             parts.append(f"{label}: {', '.join(keys[:5])}{more}")
-    hint = ("; it is class-conditional (label_emb), which is not supported yet"
-            if "label_emb.weight" in unexpected else
-            "; check --teacher-arch / teacher.arch_kwargs (num_channels, num_res_blocks, "
+    raise ModelFileError(f"{source}: weights do not match the ADM architecture; " + "; ".join(parts)
+                         + _mismatch_hint(missing, unexpected, wrong))
+
+
+def _mismatch_hint(missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
+    """What to change when the keys differ: class_cond first (label_emb), else the shape flags."""
+    if "label_emb.weight" in unexpected:
+        return ("; the checkpoint is class-conditional (it has label_emb): set class_cond=true in "
+                "teacher.arch_kwargs or use a class-conditional preset (adm-64-cond, adm-128-cond, "
+                "adm-256-cond, iddpm-imagenet64-cond)")
+    if "label_emb.weight" in missing:
+        return ("; the architecture is class-conditional (class_cond) but the checkpoint has no "
+                "label_emb: it is unconditional, set class_cond=false")
+    if any(w.startswith("label_emb.weight") for w in wrong):
+        return (f"; ADM's class-conditional models embed {NUM_CLASSES} labels "
+                "(label_emb.weight is (1000, 4 * num_channels)); other class counts are not ADM's")
+    return ("; check --teacher-arch / teacher.arch_kwargs (num_channels, num_res_blocks, "
             "attention_resolutions, learn_sigma, ...)")
-    raise ModelFileError(f"{source}: weights do not match the ADM architecture; " + "; ".join(parts) + hint)
 
 
 def read_adm_checkpoint(path: Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,13 @@ a missing key with the class default (0.18215 for both classes):
                                  vqvae/config.json has no scaling_factor) were trained at scale 1;
                                  dividing by 0.18215 gives diffusers issue 6725's "weird images";
   AutoencoderKL, key absent   -> diffusers' default 0.18215 (the Stable Diffusion VAEs' factor,
-                                 which their early configs also omitted), with a warning.
+                                 which their early configs also omitted), with a warning;
+                                 in a DiTPipeline, 0.18215 without a warning: DiT's own factor.
+                                 The hub's DiT pipelines were converted when DiTPipeline came
+                                 (diffusers #1806, 2023-01-17), before scaling_factor became a
+                                 config key (#1860, 2023-01-26), so their vae/config.json may
+                                 lack it; that DiTPipeline divided by 0.18215 in code, as DiT's
+                                 sample.py does.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dkdm_cli.teachers.diffusers_io import load_component, read_config
 
 AUTOENCODER_FOLDERS = ("vqvae", "vae")
 KL_DEFAULT_SCALE = 0.18215  # diffusers' AutoencoderKL default
+DIT_SCALE = 0.18215  # DiT's sample.py: vae.decode(samples / 0.18215)
 
 
 @dataclass(frozen=True)
@@ -36,19 +43,21 @@ class LatentScale:
 
     scaling_factor: float
     shift_factor: float
-    source: str  # "config" | "vqmodel-default" | "diffusers-default"
+    source: str  # "config" | "vqmodel-default" | "diffusers-default" | "dit-default"
 
     def describe(self) -> str:
         """One phrase for banners and `dkdm teachers`."""
         where = {"config": "from its config",
                  "vqmodel-default": "config has no scaling_factor: LDM VQ autoencoders use 1.0",
-                 "diffusers-default": "config has no scaling_factor: diffusers' AutoencoderKL default"}
+                 "diffusers-default": "config has no scaling_factor: diffusers' AutoencoderKL default",
+                 "dit-default": "config has no scaling_factor: DiT's 0.18215"}
         shift = f", shift {self.shift_factor:g}" if self.shift_factor else ""
         return f"decode scale {self.scaling_factor:g}{shift} ({where[self.source]})"
 
 
-def latent_scale(kind: str, raw_config: dict[str, Any]) -> LatentScale:
-    """The latent scale for a `kind` ("VQModel" or "AutoencoderKL") from its raw config dict."""
+def latent_scale(kind: str, raw_config: dict[str, Any], *, pipeline: str | None = None) -> LatentScale:
+    """The latent scale for a `kind` ("VQModel" or "AutoencoderKL") from its raw config dict
+    (`pipeline`: model_index.json's _class_name, which decides the default for DiT)."""
     shift = float(raw_config.get("shift_factor") or 0.0)
     value = raw_config.get("scaling_factor")
     if value is not None:
@@ -61,6 +70,8 @@ def latent_scale(kind: str, raw_config: dict[str, Any]) -> LatentScale:
         return LatentScale(factor, shift, "config")
     if kind == "VQModel":
         return LatentScale(1.0, shift, "vqmodel-default")
+    if pipeline == "DiTPipeline":
+        return LatentScale(DIT_SCALE, shift, "dit-default")
     return LatentScale(KL_DEFAULT_SCALE, shift, "diffusers-default")
 
 
@@ -101,8 +112,9 @@ def autoencoder_folder(folder: Path) -> Path | None:
     return None
 
 
-def load_autoencoder(component: Path) -> DiffusersAutoencoder:
-    """The first stage in `component` (a vqvae/ or vae/ folder), with its latent scale."""
+def load_autoencoder(component: Path, *, pipeline: str | None = None) -> DiffusersAutoencoder:
+    """The first stage in `component` (a vqvae/ or vae/ folder), with its latent scale
+    (`pipeline`: the folder's model_index.json _class_name, if any)."""
     from diffusers import AutoencoderKL, VQModel
 
     classes = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
@@ -110,7 +122,7 @@ def load_autoencoder(component: Path) -> DiffusersAutoencoder:
     kind = raw.get("_class_name") or ("VQModel" if component.name == "vqvae" else "AutoencoderKL")
     if kind not in classes:
         raise TeacherError(f"{component}: unsupported autoencoder {kind!r} (VQModel or AutoencoderKL)")
-    scale = latent_scale(kind, raw)
+    scale = latent_scale(kind, raw, pipeline=pipeline)
     if scale.source == "diffusers-default":
         _console.warn(f"{component}: the AutoencoderKL config has no scaling_factor; using "
                       f"diffusers' default {KL_DEFAULT_SCALE} (Stable Diffusion's)")

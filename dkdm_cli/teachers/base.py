@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from dkdm_cli.diffusion.gaussian import GaussianDiffusion
+from dkdm_cli.diffusion.guidance import guided
 from dkdm_cli.diffusion.settings import DiffusionSettings
+from dkdm_cli.errors import UserError
 from dkdm_cli.models import count_parameters
 from dkdm_cli.recommended import recommended_for
 
@@ -34,9 +36,15 @@ class Autoencoder(Protocol):
 class Denoiser:
     """A pretrained diffusion model (a teacher, or a distilled student), ready to take reverse steps.
 
-    `model(x, t_model)` is the raw network; `model_output(x, t)` calls it for process steps t
-    (0..T-1), applying the teacher's own timestep convention (e.g. improved-diffusion's
-    rescaling of a 4000-step process to 0..1000).
+    `model(x, t_model)` is the raw network (`model(x, t_model, y)` for a class-conditional one,
+    y the labels (B,)); `model_output(x, t[, y])` calls it for process steps t (0..T-1), applying
+    the teacher's own timestep convention (e.g. improved-diffusion's rescaling of a 4000-step
+    process to 0..1000).
+
+    Class-conditional denoisers have `num_classes` > 0 real classes, 0..num_classes-1, and where
+    they were trained with label dropout a `null_class` label (the unconditional branch, for
+    classifier-free guidance); both default to what the network says (its `num_classes` and
+    `null_class` attributes).
     """
 
     name: str
@@ -46,10 +54,15 @@ class Denoiser:
     source: str = ""
     autoencoder: Autoencoder | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None  # real classes (0: unconditional); None: ask the network
+    null_class: int | None = None  # the "no class" label, if any; None with num_classes None: ask
 
     def __post_init__(self) -> None:
         self.model.eval().requires_grad_(False)
         self.diffusion: GaussianDiffusion = self.settings.build()
+        if self.num_classes is None:
+            self.num_classes = int(getattr(self.model, "num_classes", 0) or 0)
+            self.null_class = getattr(self.model, "null_class", None)
 
     # -- the stable API --------------------------------------------------------------------
 
@@ -78,22 +91,83 @@ class Denoiser:
         """The denoiser's parameter dtype (half on CUDA during distillation)."""
         return next(self.model.parameters()).dtype
 
-    def denoise(self, x: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
-        """The network on original-scale timesteps; float32 out whatever the model's dtype."""
+    @property
+    def conditional(self) -> bool:
+        """Whether the denoiser takes class labels."""
+        return bool(self.num_classes)
+
+    @property
+    def label_count(self) -> int:
+        """Rows of the label table: the real classes plus the null class, if any."""
+        return int(self.num_classes or 0) + (self.null_class is not None)
+
+    def check_labels(self, y: torch.Tensor | None, *, what: str = "class labels") -> None:
+        """Refuse labels this denoiser cannot take (a UserError naming the valid range)."""
+        if y is None:
+            if self.conditional and self.null_class is None:
+                raise UserError(f"{self.name} is class-conditional with no null class: give "
+                                f"{what} in 0..{self.num_classes - 1}")
+            return
+        if not self.conditional:
+            raise UserError(f"{self.name} is unconditional: it takes no {what}")
+        bad = (y < 0) | (y >= self.label_count)
+        if bool(bad.any()):
+            top = self.label_count - 1
+            null = f" ({self.null_class} is the null class)" if self.null_class is not None else ""
+            raise UserError(f"{what} must be in 0..{top}{null}, got {int(y[bad][0])}")
+
+    def labels_or_null(self, y: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
+        """y, or the null label for every row when y is None (a conditional denoiser)."""
+        if y is not None or not self.conditional:
+            return y
+        if self.null_class is None:
+            raise UserError(f"{self.name} is class-conditional with no null class: give class labels")
+        return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
+
+    def denoise(self, x: torch.Tensor, model_t: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """The network on original-scale timesteps; float32 out whatever the model's dtype.
+        A conditional denoiser given no labels runs its null (unconditional) class."""
         scaled = model_t.float() * self.settings.timestep_scale if self.settings.timestep_scale != 1 \
             else model_t
-        return self.model(x.to(self.dtype), scaled).float()
+        if not self.conditional:
+            if y is not None:
+                raise UserError(f"{self.name} is unconditional: it takes no class labels")
+            return self.model(x.to(self.dtype), scaled).float()
+        y = self.labels_or_null(y, x.shape[0], x.device)
+        return self.model(x.to(self.dtype), scaled, y).float()
+
+    def denoise_fn(self, y: torch.Tensor | None = None, *, cfg: float = 1.0):
+        """(x, model_t) -> output for the samplers: labels y (B,) bound, classifier-free guidance
+        at scale `cfg` (1: none). Unconditional denoisers take neither."""
+        if not self.conditional:
+            if y is not None or cfg != 1.0:
+                raise UserError(f"{self.name} is unconditional: class labels and --cfg do not apply")
+            return self.denoise
+        if cfg != 1.0 and self.null_class is None:
+            raise UserError(f"{self.name} has no null class, so classifier-free guidance "
+                            "(--cfg) is not possible; sample with --cfg 1")
+        if y is None:  # no labels: the null class, i.e. the unconditional model at any scale
+            if self.null_class is None:
+                raise UserError(f"{self.name} is class-conditional with no null class: give "
+                                f"class labels in 0..{self.num_classes - 1} (--class)")
+            return self.denoise
+        return guided(self.denoise, y=y, null_class=self.null_class, scale=cfg,
+                      channels=self.sample_shape[0])
 
     @torch.no_grad()
-    def model_output(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Raw output (B, C or 2C, H, W) for states x (B, C, H, W) at process steps t (B,)."""
-        return self.denoise(x, self.diffusion.model_timesteps(t))
+    def model_output(self, x: torch.Tensor, t: torch.Tensor,
+                     y: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw output (B, C or 2C, H, W) for states x (B, C, H, W) at process steps t (B,)
+        (and labels y (B,) for a conditional denoiser)."""
+        return self.denoise(x, self.diffusion.model_timesteps(t), y)
 
     @torch.no_grad()
-    def reverse_step_distribution(self, x: torch.Tensor, t: torch.Tensor):
+    def reverse_step_distribution(self, x: torch.Tensor, t: torch.Tensor,
+                                  y: torch.Tensor | None = None):
         """(mean, log_variance) of p(x_{t-1} | x_t), with the teacher's clipping."""
         step = self.diffusion.p_mean_variance(
-            self.model_output(x, t), x_t=x, t=t, clip_denoised=self.settings.clip_denoised
+            self.model_output(x, t, y), x_t=x, t=t, clip_denoised=self.settings.clip_denoised
         )
         return step.mean, step.log_variance
 
@@ -145,6 +219,8 @@ class TeacherEntry:
     weights: str = ""  # which weight files are read, and how
     decode_scale: float | None = None  # latent teachers: what decoded samples are divided by
     decode_note: str = ""  # where decode_scale comes from
+    num_classes: int = 0  # class-conditional teachers: real classes 0..num_classes-1 (0: none)
+    null_class: int | None = None  # the "no class" label (classifier-free guidance), if any
 
     def row(self, *, cached: bool) -> dict[str, Any]:
         """The entry as `dkdm teachers --json` prints it."""
@@ -152,5 +228,6 @@ class TeacherEntry:
                 "description": self.description, "image_size": self.image_size,
                 "channels": self.channels, "parameters": self.parameters, "latent": self.latent,
                 "weights": self.weights, "decode_scale": self.decode_scale,
-                "decode_note": self.decode_note, "cached": cached,
+                "decode_note": self.decode_note, "num_classes": self.num_classes,
+                "null_class": self.null_class, "cached": cached,
                 "recommended": recommended_for(self.name)}

@@ -1,9 +1,12 @@
-"""Teachers in diffusers format: a folder holding a UNet2DModel and a scheduler config, plus, for
-latent pipelines (CompVis/ldm-celebahq-256), the VQModel (vqvae/) or AutoencoderKL (vae/) that
-turns latents back into images (teachers/autoencoders.py: the latent scale).
+"""Teachers in diffusers format: a folder holding a UNet2DModel (unconditional) or a DiT
+(class-conditional, transformer/; teachers/diffusers_dit.py) and a scheduler config, plus, for
+latent pipelines (CompVis/ldm-celebahq-256, facebook/DiT-XL-2-256), the VQModel (vqvae/) or
+AutoencoderKL (vae/) that turns latents back into images (teachers/autoencoders.py: the latent
+scale).
 
-Layouts understood (the hub's two conventions):
+Layouts understood (the hub's conventions):
   folder/model_index.json, unet/, scheduler/scheduler_config.json [, vqvae/ | vae/]
+  folder/model_index.json, transformer/, scheduler/, vae/     (DiTPipeline)
   folder/config.json, folder/scheduler_config.json           (a bare UNet2DModel folder; the
                                                               google/ddpm-* repos look like this)
 
@@ -25,6 +28,7 @@ from dkdm_cli.diffusion.settings import DiffusionSettings, default_clip
 from dkdm_cli.errors import TeacherError
 from dkdm_cli.teachers.autoencoders import LatentScale, autoencoder_folder, latent_scale, load_autoencoder
 from dkdm_cli.teachers.base import Teacher
+from dkdm_cli.teachers.diffusers_dit import dit_config, dit_shapes, is_dit_config, load_dit
 from dkdm_cli.teachers.diffusers_io import load_component, read_config, weight_files
 
 # diffusers' beta_schedule names that are one of our named schedules (same formula).
@@ -54,12 +58,19 @@ class DiffusersUNet(nn.Module):
         return self.unet(x, t, return_dict=False)[0]
 
 
-def _unet_dir(folder: Path) -> Path:
-    """Where the UNet lives: unet/ when present, else the folder itself."""
-    for candidate in (folder / "unet", folder):
+def _denoiser_dir(folder: Path) -> Path:
+    """Where the denoiser lives: unet/ or transformer/ when present, else the folder itself."""
+    for candidate in (folder / "unet", folder / "transformer", folder):
         if (candidate / "config.json").is_file():
             return candidate
-    raise TeacherError(f"{folder}: no UNet found (expected unet/config.json or config.json)")
+    raise TeacherError(f"{folder}: no denoiser found (expected unet/config.json, "
+                       "transformer/config.json or config.json)")
+
+
+def _pipeline_class(folder: Path) -> str | None:
+    """model_index.json's _class_name (e.g. DiTPipeline), when the folder has one."""
+    index = folder / "model_index.json"
+    return read_config(index).get("_class_name") if index.is_file() else None
 
 
 def _scheduler_config(folder: Path) -> dict[str, Any]:
@@ -148,13 +159,35 @@ def _sample_size(size: Any) -> int:
 class FolderPlan:
     """What a diffusers folder's configs say, before any weight is read."""
 
-    unet_dir: Path
-    unet_config: dict[str, Any]
+    kind: str  # "unet" (UNet2DModel) | "dit" (DiT transformer, class-conditional)
+    denoiser_dir: Path
+    denoiser_config: dict[str, Any]
     scheduler: dict[str, Any]
     settings: DiffusionSettings
     sample_shape: tuple[int, int, int]  # (C, H, W) of the space the diffusion runs in
     autoencoder_dir: Path | None
     latent_scale: LatentScale | None
+    pipeline: str | None = None  # model_index.json's _class_name
+    num_classes: int = 0  # DiT: num_embeds_ada_norm
+
+
+def _unet_shapes(unet_dir: Path, config: dict[str, Any]) -> tuple[int, int, int]:
+    """(in_channels, out_channels, sample_size) of a UNet2DModel config, checked."""
+    kind = config.get("_class_name", "UNet2DModel")
+    if kind != "UNet2DModel":
+        raise TeacherError(f"{unet_dir}: {kind} is not supported; dkdm distills UNet2DModel and "
+                           "DiT (DiTTransformer2DModel) teachers")
+    if config.get("time_embedding_type", "positional") != "positional":
+        raise TeacherError(f"{unet_dir}: a {config['time_embedding_type']} time embedding "
+                           "(score-SDE) is not a discrete-time DDPM teacher")
+    if config.get("num_class_embeds") or config.get("class_embed_type"):
+        raise TeacherError(f"{unet_dir}: class-conditional UNet2DModels are not supported yet "
+                           "(class-conditional DiT pipelines are)")
+    # UNet2DModel's own defaults where the config is silent (in 3, out 3).
+    in_ch, out_ch = int(config.get("in_channels", 3)), int(config.get("out_channels", 3))
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise TeacherError(f"{unet_dir}: {out_ch} output channels for {in_ch} input channels")
+    return in_ch, out_ch, _sample_size(config.get("sample_size"))
 
 
 def plan_folder(folder: Path) -> FolderPlan:
@@ -162,59 +195,64 @@ def plan_folder(folder: Path) -> FolderPlan:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise TeacherError(f"{folder}: no such folder")
-    unet_dir = _unet_dir(folder)
-    config = read_config(unet_dir / "config.json")
-    kind = config.get("_class_name", "UNet2DModel")
-    if kind != "UNet2DModel":
-        raise TeacherError(
-            f"{unet_dir}: {kind} is not supported; dkdm distills unconditional UNet2DModel teachers"
-        )
-    if config.get("time_embedding_type", "positional") != "positional":
-        raise TeacherError(f"{unet_dir}: a {config['time_embedding_type']} time embedding "
-                           "(score-SDE) is not a discrete-time DDPM teacher")
-    if config.get("num_class_embeds") or config.get("class_embed_type"):
-        raise TeacherError(f"{unet_dir}: class-conditional UNets are not supported yet")
-    # UNet2DModel's own defaults where the config is silent (in 3, out 3).
-    in_ch, out_ch = int(config.get("in_channels", 3)), int(config.get("out_channels", 3))
-    if out_ch not in (in_ch, 2 * in_ch):
-        raise TeacherError(f"{unet_dir}: {out_ch} output channels for {in_ch} input channels")
+    denoiser_dir = _denoiser_dir(folder)
+    config = read_config(denoiser_dir / "config.json")
+    pipeline = _pipeline_class(folder)
+    dit = denoiser_dir.name == "transformer" or is_dit_config(config)
+    if dit:
+        dit_config(config, source=str(denoiser_dir))  # refuses non-DiT transformers by name
+        in_ch, out_ch, size = dit_shapes(config, source=str(denoiser_dir))
+    else:
+        in_ch, out_ch, size = _unet_shapes(denoiser_dir, config)
     ae_dir = autoencoder_folder(folder)
     scale = None
     if ae_dir is not None:
         raw = read_config(ae_dir / "config.json")
         scale = latent_scale(raw.get("_class_name") or
-                             ("VQModel" if ae_dir.name == "vqvae" else "AutoencoderKL"), raw)
+                             ("VQModel" if ae_dir.name == "vqvae" else "AutoencoderKL"), raw,
+                             pipeline=pipeline)
+        if raw.get("latent_channels") not in (None, in_ch):
+            raise TeacherError(f"{folder}: {ae_dir.name}/ makes {raw['latent_channels']}-channel "
+                               f"latents, the denoiser takes {in_ch} channels")
     scheduler = _scheduler_config(folder)
     settings = settings_from_scheduler(scheduler, learn_sigma_output=out_ch == 2 * in_ch,
                                        latent=ae_dir is not None)
     if settings.learn_sigma and out_ch != 2 * in_ch:
         raise TeacherError(
             f"{folder}: the scheduler's variance_type {settings.variance} needs {2 * in_ch} output "
-            f"channels, the UNet has {out_ch}"
+            f"channels, the {'DiT' if dit else 'UNet'} has {out_ch}"
         )
-    size = _sample_size(config.get("sample_size"))
-    return FolderPlan(unet_dir=unet_dir, unet_config=config, scheduler=scheduler, settings=settings,
-                      sample_shape=(in_ch, size, size), autoencoder_dir=ae_dir, latent_scale=scale)
+    return FolderPlan(kind="dit" if dit else "unet", denoiser_dir=denoiser_dir,
+                      denoiser_config=config, scheduler=scheduler, settings=settings,
+                      sample_shape=(in_ch, size, size), autoencoder_dir=ae_dir,
+                      latent_scale=scale, pipeline=pipeline,
+                      num_classes=int(config.get("num_embeds_ada_norm") or 0) if dit else 0)
 
 
 def load_diffusers_teacher(
     folder: Path, *, device: str = "cpu", name: str | None = None, source: str | None = None
 ) -> Teacher:
     """A teacher from a diffusers folder (see the module docstring for the layouts)."""
-    from diffusers import UNet2DModel
-
     folder = Path(folder).expanduser()
     plan = plan_folder(folder)
-    unet = load_component(UNet2DModel, plan.unet_dir, config=plan.unet_config)
-    autoencoder = load_autoencoder(plan.autoencoder_dir) if plan.autoencoder_dir else None
+    model: nn.Module
+    if plan.kind == "dit":
+        model = load_dit(plan.denoiser_dir, plan.denoiser_config)
+    else:
+        from diffusers import UNet2DModel
+
+        model = DiffusersUNet(load_component(UNet2DModel, plan.denoiser_dir, config=plan.denoiser_config))
+    autoencoder = load_autoencoder(plan.autoencoder_dir, pipeline=plan.pipeline) \
+        if plan.autoencoder_dir else None
     info: dict[str, Any] = {"format": "diffusers", "scheduler": plan.scheduler.get("_class_name"),
-                            "weights": sorted(p.name for p in weight_files(plan.unet_dir)),
-                            "autoencoder": type(autoencoder.vae).__name__ if autoencoder else None}
+                            "weights": sorted(p.name for p in weight_files(plan.denoiser_dir)),
+                            "autoencoder": type(autoencoder.vae).__name__ if autoencoder else None,
+                            "pipeline": plan.pipeline}
     if autoencoder is not None:
         info.update(decode_scale=autoencoder.scaling_factor, decode_shift=autoencoder.shift_factor,
                     decode_scale_source=autoencoder.scale.source)
     teacher = Teacher(
-        name=name or folder.name, model=DiffusersUNet(unet), settings=plan.settings,
+        name=name or folder.name, model=model, settings=plan.settings,
         sample_shape=plan.sample_shape, source=source or str(folder), autoencoder=autoencoder,
         info=info,
     )

@@ -7,14 +7,17 @@ Weights, in order of preference:
 `.bin` files, the format the google/ddpm-* and CompVis/ldm-* repos were published in, are read with
 `torch.load(weights_only=True)`, as diffusers itself reads them: tensors and plain containers only,
 so a file that needs anything else is refused, never executed. The model is built from its
-config.json on the meta device (no random initialisation), every key and shape is checked (legacy
-attention names such as `query`/`proj_attn` are renamed as diffusers does), and the weights are
-assigned.
+config.json with its parameters on the meta device (no random initialisation; buffers are built
+for real, so non-persistent ones such as DiT's sin-cos position table are computed by diffusers
+itself, as its own loader does), every key and shape is checked (legacy attention names such as
+`query`/`proj_attn` are renamed as diffusers does), and the weights are assigned.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +111,32 @@ def rename_legacy_keys(state: dict[str, torch.Tensor], expected: set[str]) -> di
     return out
 
 
-def build_on_meta(cls: type, config: dict[str, Any], *, source: str) -> nn.Module:
-    """A diffusers model from its config, with every parameter on the meta device."""
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside goes to the meta device (no memory, and initialisation
+    is free); buffers stay where they are built. accelerate's init_empty_weights(include_buffers=
+    False), which diffusers' own loader uses, does the same."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            kind = type(param)
+            module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
     try:
-        with torch.device("meta"):
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def build_on_meta(cls: type, config: dict[str, Any], *, source: str) -> nn.Module:
+    """A diffusers model from its config, with every parameter on the meta device (buffers real)."""
+    try:
+        with parameters_on_meta():
             return cls.from_config(config)
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError, NotImplementedError) as exc:
         raise TeacherError(f"{source}: diffusers cannot build this {cls.__name__} ({exc})") from exc
 
 
@@ -135,7 +158,7 @@ def load_component(cls: type, component: Path, *, config: dict[str, Any] | None 
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
     load_state_strict(model, state, source=str(component), assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:  # a buffer the state dict does not hold (none in the supported classes)
+    if left:  # a parameter the state dict does not hold (load_state_strict names those first)
         raise TeacherError(f"{component}: {cls.__name__} has tensors no weights file provides: "
                            f"{', '.join(left[:5])}")
     return model.eval().requires_grad_(False)

@@ -8,7 +8,7 @@ Offline behaviour, in order:
     connection error, the cache only;
   * not cached: OfflineError naming the repo, the cache folder and the alternatives.
 
-What is downloaded: configs, and per component folder (root, unet/, vqvae/, vae/) its
+What is downloaded: configs, and per component folder (root, unet/, transformer/, vqvae/, vae/) its
 diffusion_pytorch_model weights, safetensors when the revision has them, else the `.bin` (read
 later with torch.load(weights_only=True)). Never both, never other pipeline parts.
 """
@@ -24,9 +24,10 @@ from dkdm_cli import _offline
 from dkdm_cli.errors import OfflineError, TeacherError
 from dkdm_cli.teachers.base import Teacher
 
-COMPONENTS = ("", "unet", "vqvae", "vae")  # "" = the repo root (google/ddpm-* layout)
+# "" = the repo root (google/ddpm-* layout); transformer/ holds a DiTPipeline's denoiser.
+COMPONENTS = ("", "unet", "transformer", "vqvae", "vae")
 CONFIG_PATTERNS = ["model_index.json", "config.json", "scheduler_config.json",
-                   *(f"{part}/*.json" for part in ("unet", "scheduler", "vqvae", "vae"))]
+                   *(f"{part}/*.json" for part in ("unet", "transformer", "scheduler", "vqvae", "vae"))]
 _SAFE = "diffusion_pytorch_model*.safetensors*"
 _BIN = "diffusion_pytorch_model.bin*"
 IGNORE_PATTERNS = ["*.fp16.*", "*non_ema*"]

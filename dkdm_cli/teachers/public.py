@@ -103,7 +103,8 @@ def download_once(url: str, dest: Path, *, sha256: str | None = None) -> Path:
 def _hub_entry(name: str, repo: str, description: str, *, size: int, channels: int,
                parameters: int | None, latent: bool = False, revision: str | None = None,
                weights: str = "", decode_scale: float | None = None,
-               decode_note: str = "") -> TeacherEntry:
+               decode_note: str = "", num_classes: int = 0,
+               null_class: int | None = None) -> TeacherEntry:
     from dkdm_cli.teachers.hub import is_hub_cached, load_hub_teacher
 
     spec = f"{repo}@{revision}" if revision else repo
@@ -115,11 +116,11 @@ def _hub_entry(name: str, repo: str, description: str, *, size: int, channels: i
                         channels=channels, parameters=parameters, load=load,
                         is_cached=partial(is_hub_cached, repo, revision), latent=latent,
                         revision=revision, weights=weights, decode_scale=decode_scale,
-                        decode_note=decode_note)
+                        decode_note=decode_note, num_classes=num_classes, null_class=null_class)
 
 
 def _direct_entry(name: str, url: str, arch: str, description: str, *, size: int,
-                  parameters: int, sha256: str | None = None) -> TeacherEntry:
+                  parameters: int, sha256: str | None = None, num_classes: int = 0) -> TeacherEntry:
     def path() -> Path:
         return teachers_cache_dir() / url.rsplit("/", 1)[1]
 
@@ -133,17 +134,26 @@ def _direct_entry(name: str, url: str, arch: str, description: str, *, size: int
     is_cached: Callable[[], bool] = lambda: path().is_file()  # noqa: E731
     return TeacherEntry(name=name, source=url, description=description, image_size=size,
                         channels=3, parameters=parameters, load=load, is_cached=is_cached,
-                        weights=".pt state dict read with torch.load(weights_only=True), sha256-checked")
+                        weights=".pt state dict read with torch.load(weights_only=True), sha256-checked",
+                        num_classes=num_classes)
 
 
-IDDPM_CIFAR10_URL = "https://openaipublic.blob.core.windows.net/diffusion/march-2021/cifar10_uncond_50M_500K.pt"
+_OPENAI = "https://openaipublic.blob.core.windows.net/diffusion"
+IDDPM_CIFAR10_URL = f"{_OPENAI}/march-2021/cifar10_uncond_50M_500K.pt"
+# The class-conditional ImageNet checkpoints the two READMEs link (no published sha256: the hash
+# of the first download is kept and checked, see the module docstring).
+IDDPM_IMAGENET64_COND_URL = f"{_OPENAI}/march-2021/imagenet64_cond_270M_250K.pt"
+ADM_COND_URLS = {size: f"{_OPENAI}/jul-2021/{size}x{size}_diffusion.pt" for size in (64, 128, 256)}
 _PR_SAFETENSORS = ("safetensors from {rev} (the hub's safetensors conversion of main's weights; "
                    "main has only diffusion_pytorch_model.bin)")
 _BIN_ONLY = ("diffusion_pytorch_model.bin from main (no safetensors known), read with "
              "torch.load(weights_only=True)")
+_EITHER = ("main's diffusion_pytorch_model.safetensors where the revision has them, else its .bin "
+           "read with torch.load(weights_only=True)")
+_NO_NULL = "; 1000 ImageNet classes, no null class (no --cfg)"
 
 # Parameter counts are exact: tests rebuild each architecture on the meta device from the hub's
-# own config files (tests/fixtures/hub/) and the ADM preset from its flags.
+# own config files (tests/fixtures/hub/) and each ADM preset from its flags.
 for _entry in (
     _hub_entry("ddpm-cifar10", "google/ddpm-cifar10-32",
                "DDPM (Ho et al.) CIFAR-10 32x32, linear T=1000, eps, fixed-large variance",
@@ -158,8 +168,32 @@ for _entry in (
                weights=_PR_SAFETENSORS.format(rev="refs/pr/7"), decode_scale=1.0,
                decode_note="vqvae/config.json has no scaling_factor: LDM's VQ-f4 autoencoder was "
                            "trained at scale 1 (diffusers' VQModel default 0.18215 would be wrong)"),
+    _hub_entry("dit-xl2-256", "facebook/DiT-XL-2-256",
+               "DiT-XL/2 ImageNet 256x256, class-conditional (1000 classes + null for CFG): "
+               "32x32x4 latents, linear T=1000, eps, learned variance",
+               size=32, channels=4, parameters=749_826_464, latent=True, weights=_EITHER,
+               decode_scale=0.18215, num_classes=1000, null_class=1000,
+               decode_note="DiT's factor (its sample.py decodes samples / 0.18215); the hub's DiT "
+                           "pipelines were converted before diffusers' AutoencoderKL configs carried "
+                           "scaling_factor, and a missing key in a DiTPipeline means 0.18215"),
     _direct_entry("iddpm-cifar10", IDDPM_CIFAR10_URL, "iddpm-cifar10",
                   "Improved DDPM CIFAR-10 32x32 (cifar10_uncond_50M_500K), cosine T=4000, learned variance",
                   size=32, parameters=52_546_438),
+    _direct_entry("iddpm-imagenet64-cond", IDDPM_IMAGENET64_COND_URL, "iddpm-imagenet64-cond",
+                  "Improved DDPM ImageNet 64x64 class-conditional (imagenet64_cond_270M_250K), cosine "
+                  "T=4000, learned variance" + _NO_NULL,
+                  size=64, parameters=273_049_350, num_classes=1000),
+    _direct_entry("adm-64-cond", ADM_COND_URLS[64], "adm-64-cond",
+                  "ADM (guided-diffusion) ImageNet 64x64 class-conditional (64x64_diffusion), cosine "
+                  "T=1000, learned variance" + _NO_NULL,
+                  size=64, parameters=295_904_454, num_classes=1000),
+    _direct_entry("adm-128-cond", ADM_COND_URLS[128], "adm-128-cond",
+                  "ADM (guided-diffusion) ImageNet 128x128 class-conditional (128x128_diffusion), "
+                  "linear T=1000, learned variance" + _NO_NULL,
+                  size=128, parameters=421_529_606, num_classes=1000),
+    _direct_entry("adm-256-cond", ADM_COND_URLS[256], "adm-256-cond",
+                  "ADM (guided-diffusion) ImageNet 256x256 class-conditional (256x256_diffusion), "
+                  "linear T=1000, learned variance" + _NO_NULL,
+                  size=256, parameters=553_838_086, num_classes=1000),
 ):
     register_teacher(_entry)

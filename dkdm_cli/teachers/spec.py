@@ -30,11 +30,12 @@ def classify(spec: str) -> str:
     if path.is_dir():
         if (path / "checkpoints").is_dir() or (path / "config.resolved.toml").is_file():
             return "run_dir"
-        if any((path / p).exists() for p in ("model_index.json", "unet", "config.json")):
+        if any((path / p).exists() for p in ("model_index.json", "unet", "transformer",
+                                               "config.json")):
             return "diffusers_dir"
         raise TeacherError(
             f"{spec}: a folder, but neither a dkdm run directory nor a diffusers model "
-            "(expected checkpoints/, model_index.json, unet/ or config.json inside)"
+            "(expected checkpoints/, model_index.json, unet/, transformer/ or config.json inside)"
         )
     if path.is_file():
         if path.suffix == ".safetensors":
