@@ -70,13 +70,19 @@ def export_doc(ckpt: Checkpoint, run_dir: Path, *, ema: bool) -> dict[str, Any]:
         "diffusion": doc["diffusion"],
         "sample_shape": list(doc["sample_shape"]),
         # A dict, as Teacher.info: the spec of the teacher this student was distilled from.
-        "teacher": {"spec": doc["teacher"]},
+        "teacher": {"spec": doc["teacher"], **_guidance(doc)},
         "distillation": {"run": Path(run_dir).resolve().name, "step": ckpt.step, "ema": ema,
                          "checkpoint": ckpt.path.name, "config": doc.get("config")},
     }
     if doc.get("autoencoder_from"):
         extra["autoencoder_from"] = doc["autoencoder_from"]
     return extra
+
+
+def _guidance(doc: dict[str, Any]) -> dict[str, float]:
+    """{"guidance_scale": s} for a student distilled on guided targets (s != 1), else {}."""
+    scale = float(((doc.get("config") or {}).get("distill") or {}).get("guidance_scale", 1.0))
+    return {"guidance_scale": scale} if scale != 1.0 else {}
 
 
 def latest_metrics(run_dir: Path) -> dict[str, Any] | None:

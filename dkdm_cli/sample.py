@@ -160,6 +160,22 @@ def recorded_teacher_spec(model: Teacher) -> str | None:
     return None
 
 
+def distilled_guidance(model: Teacher) -> float:
+    """The guidance scale a student was distilled at (`distill.guidance_scale`; 1 for none, and
+    for teachers): its samples at --cfg 1 imitate the teacher's at this scale."""
+    info = model.info if isinstance(model.info, dict) else {}
+    teacher = info.get("teacher")
+    value = info.get("guidance_scale") or (teacher.get("guidance_scale")
+                                           if isinstance(teacher, dict) else None)
+    return float(value or 1.0)
+
+
+def teacher_scale(student: Teacher, cfg: float) -> float:
+    """The guidance scale to sample a student's teacher at, to compare like with like: the
+    user's --cfg, or at --cfg 1 the scale the student was distilled at."""
+    return cfg if cfg != 1.0 else distilled_guidance(student)
+
+
 def side_by_side(left: np.ndarray, right: np.ndarray, *, gap: int = 4) -> np.ndarray:
     """Two grid images (H, W, C) next to each other with a white `gap` px band between them."""
     h = max(left.shape[0], right.shape[0])
@@ -188,8 +204,9 @@ def compare_with_teacher(
     student_images: np.ndarray | None = None, labels: torch.Tensor | None = None, cfg: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(teacher images, student images), each (N, H, W, C) uint8, from the same x_T `noise`
-    (N, C, H, W), the same per-step noise and (class-conditional) the same labels and guidance,
-    so each pair differs only by the model.
+    (N, C, H, W), the same per-step noise and (class-conditional) the same labels and guidance
+    (a student distilled on guided targets is set beside its teacher at that scale), so each
+    pair differs only by the model.
 
     `student_images` are reused when the caller already sampled exactly this noise in one batch.
     """
@@ -199,7 +216,7 @@ def compare_with_teacher(
             f"{tuple(student.sample_shape)}: they cannot start from the same noise"
         )
     kw = dict(num=len(noise), steps=steps, sampler=sampler, eta=eta, seed=seed,
-              batch_size=batch_size, device=device, noise=noise, labels=labels, cfg=cfg)
+              batch_size=batch_size, device=device, noise=noise, labels=labels)
     if student_images is None:
-        student_images = generate(student, **kw)
-    return generate(teacher, **kw), student_images
+        student_images = generate(student, **kw, cfg=cfg)
+    return generate(teacher, **kw, cfg=teacher_scale(student, cfg)), student_images

@@ -257,7 +257,7 @@ def test_eval_consistency_scores_digit_shaped_conditional_models(tmp_path, capsy
     value = out["metrics"]["consistency"]
     assert 0.0 <= value <= 1.0
     assert set(out["samples"]["consistency_per_class"]) == {"1", "7"}
-    assert out["samples"]["classes"] == [1, 7]
+    assert out["samples"]["classes"] == [1, 7] and out["samples"]["num_classes"] == 10
     per = out["samples"]["consistency_per_class"]
     assert abs((per["1"] + per["7"]) / 2 - value) < 1e-6  # 10 of each
 
@@ -276,4 +276,33 @@ def test_eval_consistency_refuses_models_it_cannot_score(tiny_cond_teacher_file,
     assert run(["eval", str(tiny_cond_teacher_file), "--consistency", "--num", "4", "--steps", "2"]) == 2
     assert "ten classes" in capsys.readouterr().err
     assert run(["eval", str(tiny_teacher_file), "--consistency", "--num", "4", "--steps", "2"]) == 2
-    assert "needs a class-conditional model" in capsys.readouterr().err
+    assert "class-conditional 16x16x1 models" in capsys.readouterr().err
+
+
+def test_a_conditional_student_exports_to_safetensors_and_refuses_onnx(tiny_cond_teacher_file, tmp_path,
+                                                                      capsys):
+    rd = tmp_path / "run"
+    assert run(tiny_distill_args(tiny_cond_teacher_file, rd, iterations=2)) == 0
+    out = tmp_path / "student.safetensors"
+    assert run(["export", "--run-dir", str(rd), "--out", str(out), "-q"]) == 0
+    student = load_model_file_teacher(out)
+    assert (student.num_classes, student.null_class) == (3, NULL)
+    assert run(["export", "--run-dir", str(rd), "--out", str(tmp_path / "s.onnx")]) == 2
+    assert "class-conditional" in capsys.readouterr().err
+    assert not (tmp_path / "s.onnx").exists()
+
+
+def test_a_guided_student_is_set_beside_its_teacher_at_that_scale(tiny_cond_teacher_file, tmp_path):
+    from dkdm_cli.sample import distilled_guidance, teacher_scale
+    from dkdm_cli.teachers.native import load_run_teacher
+
+    rd = tmp_path / "guided"
+    assert run(tiny_distill_args(tiny_cond_teacher_file, rd, iterations=2,
+                                 extra=["--set", "distill.guidance_scale=3.0"])) == 0
+    student = load_run_teacher(rd)
+    assert distilled_guidance(student) == 3.0
+    assert teacher_scale(student, 1.0) == 3.0 and teacher_scale(student, 2.0) == 2.0
+    out = tmp_path / "g.safetensors"
+    assert run(["export", "--run-dir", str(rd), "--out", str(out), "-q"]) == 0
+    assert distilled_guidance(load_model_file_teacher(out)) == 3.0
+    assert distilled_guidance(load_model_file_teacher(tiny_cond_teacher_file)) == 1.0

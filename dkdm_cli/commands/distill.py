@@ -69,8 +69,9 @@ def distill(
             _console.info(f"stopped by {result.signal or 'a signal'}; saved {result.checkpoint}. "
                           "Run the same command again to resume")
         else:
+            guidance = result.null_class is not None and result.guidance_scale == 1.0
             _console.out.print(next_steps(result.run_dir, num_classes=result.num_classes,
-                                          guidance=result.null_class is not None), highlight=False)
+                                          guidance=guidance), highlight=False)
     if result.status == "interrupted":
         raise typer.Exit(result.exit_code or 130)
 

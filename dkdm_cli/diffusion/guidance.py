@@ -39,6 +39,6 @@ def guided(fn: LabelledFn, *, y: torch.Tensor, null_class: int | None, scale: fl
     def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2B, ...)
         cond, uncond = out.chunk(2)
-        return guide(cond, uncond, scale=scale, channels=x.shape[1])
+        return guide(cond, uncond, scale=scale, channels=channels)
 
     return call

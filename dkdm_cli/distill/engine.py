@@ -23,7 +23,7 @@ from dkdm_cli.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from dkdm_cli.config import Config, Mode, Precision
+from dkdm_cli.config import Config, DistillConfig, Mode, Precision
 from dkdm_cli.diffusion.samplers import Sampler, sample
 from dkdm_cli.distill import runs
 from dkdm_cli.distill.distributed import (
@@ -40,7 +40,7 @@ from dkdm_cli.distill.realdata import open_images
 from dkdm_cli.distill.signals import StopFlag
 from dkdm_cli.distill.sources import build_source
 from dkdm_cli.distill.state import TrainState, student_settings
-from dkdm_cli.errors import ConfigError, ShapeMismatchError, TrainingError
+from dkdm_cli.errors import ConfigError, ShapeMismatchError, TeacherError, TrainingError
 from dkdm_cli.models import count_parameters, create_model
 from dkdm_cli.sample import initial_noise, save_grid, to_uint8
 from dkdm_cli.teachers.base import Teacher
@@ -63,6 +63,7 @@ class DistillResult:
     teacher_forwards: int = 0  # per image, start-up included, over all processes
     num_classes: int = 0  # a class-conditional teacher's classes (0: unconditional)
     null_class: int | None = None
+    guidance_scale: float = 1.0  # distilled on the teacher's guided prediction at this scale
 
 
 def student_label_kwargs(teacher: Teacher) -> dict[str, Any]:
@@ -70,6 +71,10 @@ def student_label_kwargs(teacher: Teacher) -> dict[str, Any]:
     teacher has a null class (so the student learns the unconditional branch too)."""
     if not teacher.conditional:
         return {}
+    if teacher.null_class not in (None, teacher.num_classes):
+        # Students keep the null row after the real classes, where every known teacher has it.
+        raise TeacherError(f"{teacher.name}: null class {teacher.null_class} is not after its "
+                           f"{teacher.num_classes} classes; such a teacher is not supported")
     return {"num_classes": int(teacher.num_classes), "class_null": teacher.null_class is not None}
 
 
@@ -79,7 +84,7 @@ def build_student(cfg: Config, teacher: Teacher, device: torch.device) -> nn.Mod
     if h != w:
         raise ShapeMismatchError(f"teacher samples are {h}x{w}; students need square inputs")
     labels = student_label_kwargs(teacher)
-    clash = sorted(set(labels) & set(cfg.student.kwargs))
+    clash = sorted({"num_classes", "class_null"} & set(cfg.student.kwargs))
     if clash:
         raise ConfigError(f"[student] kwargs {', '.join(clash)}: the student's classes follow the "
                           "teacher's; remove them")
@@ -282,7 +287,7 @@ def check_before_start(cfg: Config, teacher: Teacher) -> None:
                           f"steps; use at most {T}")
 
 
-def check_labels_config(d, teacher: Teacher) -> None:
+def check_labels_config(d: DistillConfig, teacher: Teacher) -> None:
     """The class settings against the teacher: weights per class, guidance only with a null
     class, and only the pool modes for a conditional teacher."""
     if not teacher.conditional:
@@ -348,7 +353,8 @@ def distill(cfg: Config, *, force: bool = False, quiet: bool = False, json_out: 
                              is_main=info.is_main, exit_code=stop.exit_code, signal=stop.name,
                              teacher_forwards=run.teacher_forwards() * info.world_size,
                              num_classes=int(teacher.num_classes or 0),
-                             null_class=teacher.null_class)
+                             null_class=teacher.null_class,
+                             guidance_scale=cfg.distill.guidance_scale)
     finally:
         if opened is not None:
             opened.lock.release()

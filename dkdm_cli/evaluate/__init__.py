@@ -14,6 +14,7 @@ size, device type), and Inception features keyed by content hash + weights hash.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -136,7 +137,7 @@ def _generate(model, *, cfg: EvalConfig, seed: int, num: int, device, progress: 
 def _label_info(model, labels, cfg: EvalConfig) -> dict[str, Any]:
     if labels is None:
         return {}
-    return {"classes": sorted(set(labels.tolist())), "cfg_scale": cfg.cfg_scale,
+    return {"classes": [int(c) for c in cfg.classes] or "all", "cfg_scale": cfg.cfg_scale,
             "num_classes": int(model.num_classes)}
 
 
@@ -153,7 +154,8 @@ def check_samples(spec: str) -> None:
     classify(spec)
 
 
-def open_samples(spec: str, *, cfg: EvalConfig, ema: bool, device, progress: Progress):
+def open_samples(spec: str, *, cfg: EvalConfig, ema: bool, device, progress: Progress,
+                 check_model=None):
     """(ImageSet, model or None, class labels or None): a folder, an .npz's arr_0, or `cfg.num`
     fresh samples of a run directory / exported student / teacher spec (with their labels when
     the model is class-conditional)."""
@@ -168,6 +170,8 @@ def open_samples(spec: str, *, cfg: EvalConfig, ema: bool, device, progress: Pro
     if path.is_dir() and is_image_folder(path):
         return folder_images(path), None, None
     model = _load_model(spec, ema=ema, device=str(device))
+    if check_model is not None:  # refuse a model the metrics cannot score before sampling it
+        check_model(model)
     images, labels = _generate(model, cfg=cfg, seed=cfg.seed, num=cfg.num, device=device,
                                progress=progress, label="sampling")
     info = {"generated": True, "sampler": cfg.sampler, "steps": cfg.steps, "eta": 0.0,
@@ -211,20 +215,27 @@ def open_reference(ref: str, *, model, teacher: str | None, num: int, cfg: EvalC
 
 def _teacher_reference(model, teacher: str | None, *, num: int, cfg: EvalConfig, seed: int,
                        device, progress: Progress, use_cache: bool):
-    from dkdm_cli.sample import recorded_teacher_spec
+    from dkdm_cli.config import class_list
+    from dkdm_cli.sample import recorded_teacher_spec, teacher_scale
+
+    if model is not None:  # a student distilled on guided targets is scored against that target
+        cfg = dataclasses.replace(cfg, cfg_scale=teacher_scale(model, cfg.cfg_scale),
+                                  classes=class_list(cfg.classes))
 
     spec = teacher or (recorded_teacher_spec(model) if model is not None else None)
     if spec is None:
         raise UserError("the reference is the teacher's samples, but no teacher is known: give "
                         "--teacher SPEC (folders and .npz files record none), or --reference "
                         "FOLDER | STATS.npz")
+    desc: dict[str, Any] = {}
     key = {"teacher": spec, "identity": teacher_identity(spec), "sampler": cfg.sampler,
            "steps": cfg.steps, "num": num, "seed": seed, "eta": 0.0,
            "batch_size": cfg.batch_size, "device": device.type}
     if cfg.classes or cfg.cfg_scale != 1.0:  # keys of unconditional references stay as they were
         key.update(classes=list(cfg.classes), cfg_scale=cfg.cfg_scale)
+        desc.update(classes=list(cfg.classes) or "all", cfg_scale=cfg.cfg_scale)
     path = reference_cache_path(key)
-    desc = {"kind": "teacher", "teacher": spec, "sampler": cfg.sampler, "steps": cfg.steps,
+    desc = desc | {"kind": "teacher", "teacher": spec, "sampler": cfg.sampler, "steps": cfg.steps,
             "num": num, "seed": seed, "eta": 0.0, "batch_size": cfg.batch_size,
             "device": device.type, "cache_file": str(path)}
     if use_cache and path.is_file():
@@ -336,8 +347,9 @@ def evaluate(
         if inception else None
     if inception - {"isc"}:
         check_reference(cfg.reference)
-    sample_set, model, labels = open_samples(samples, cfg=cfg, ema=ema, device=device,
-                                             progress=progress)
+    sample_set, model, labels = open_samples(
+        samples, cfg=cfg, ema=ema, device=device, progress=progress,
+        check_model=_check_consistency_model if "consistency" in wanted else None)
     values, extra = {}, {}
     if "consistency" in wanted:
         values["consistency"], extra = _consistency(sample_set, labels, model)
@@ -378,16 +390,23 @@ def evaluate(
                       seconds=time.perf_counter() - start)
 
 
-def _consistency(sample_set: ImageSet, labels, model) -> tuple[float, dict[str, Any]]:
-    """(overall class consistency, per-class figures) of class-conditional digits samples."""
-    from dkdm_cli.quality.digits import NUM_CLASSES, class_consistency
+def _check_consistency_model(model) -> None:
+    """--consistency scores class-conditional 16x16x1 models with the ten digit classes."""
+    from dkdm_cli.quality.digits import NUM_CLASSES
 
-    if labels is None:
-        raise UserError("--consistency needs a class-conditional model sampled on the fly "
-                        "(a run directory, export or teacher); stored images carry no classes")
     if model.num_classes != NUM_CLASSES or tuple(model.sample_shape) != (1, 16, 16):
         raise UserError("--consistency uses the digits classifier: it scores class-conditional "
                         "16x16x1 models with ten classes (digits-cond and its students)")
+
+
+def _consistency(sample_set: ImageSet, labels, model) -> tuple[float, dict[str, Any]]:
+    """(overall class consistency, per-class figures) of class-conditional digits samples."""
+    from dkdm_cli.quality.digits import class_consistency
+
+    if labels is None or model is None:
+        raise UserError("--consistency needs a class-conditional model sampled on the fly "
+                        "(a run directory, export or teacher); it does not read stored images")
+    _check_consistency_model(model)
     out = class_consistency(sample_set._array, labels)  # generated: always in memory
     return out["consistency"], {"consistency_per_class": out["per_class"]}
 

@@ -59,5 +59,7 @@ def load_run_teacher(run_dir: Path, *, ema: bool = True, device: str = "cpu",
     shape = tuple(int(s) for s in doc["sample_shape"])
     denoiser = Denoiser(name=Path(run_dir).name, model=model.to(device), settings=settings,
                         sample_shape=shape, source=str(run_dir),
-                        info={"step": ckpt.step, "teacher": doc.get("teacher"), "ema": ema})
+                        info={"step": ckpt.step, "teacher": doc.get("teacher"), "ema": ema,
+                              "guidance_scale": float(((doc.get("config") or {}).get("distill")
+                                                       or {}).get("guidance_scale", 1.0))})
     return _attach_autoencoder(denoiser, doc, device=device, resolve=resolve)
