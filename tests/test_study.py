@@ -11,16 +11,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_study_quick_runs_resumes_and_reports(tmp_path, monkeypatch):
+def _quick_study(tmp_path, monkeypatch, tables: str):
+    """(the study module, argv of a --quick run of `tables` writing under tmp_path)."""
     pytest.importorskip("sklearn")
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     sys.modules.pop("study", None)
     import study
 
-    argv = ["--quick", "--tables", "1,2", "--iterations", "2", "--samples", "16",
-            "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
-            "--doc", str(tmp_path / "docs" / "results.md")]
+    return study, ["--quick", "--tables", tables, "--iterations", "2", "--samples", "16",
+                   "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
+                   "--doc", str(tmp_path / "docs" / "results.md")]
+
+
+@pytest.mark.slow
+def test_study_quick_runs_resumes_and_reports(tmp_path, monkeypatch):
+    study, argv = _quick_study(tmp_path, monkeypatch, "1,2")
     assert study.main(argv) == 0
     results = sorted((tmp_path / "results").glob("run-*.json"))
     names = {json.loads(p.read_text())["variant"] for p in results}
@@ -37,3 +42,19 @@ def test_study_quick_runs_resumes_and_reports(tmp_path, monkeypatch):
     stamps = {p: p.stat().st_mtime_ns for p in results}
     assert study.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in results} == stamps
+
+
+@pytest.mark.slow
+def test_study_table_6_measures_class_consistency(tmp_path, monkeypatch):
+    from dkdm_cli.teachers.builtin import builtin_weights
+
+    if not builtin_weights("digits-cond").is_file():
+        pytest.skip("the digits-cond weights are absent")
+    study, argv = _quick_study(tmp_path, monkeypatch, "6")
+    assert study.main(argv) == 0
+    run = json.loads(next((tmp_path / "results").glob("run-cond-*.json")).read_text())
+    teacher = json.loads(next((tmp_path / "results").glob("teacher-digits-cond-*.json")).read_text())
+    for m in (run["measure"], teacher["measure"]):
+        assert 0 <= m["consistency"] <= 1 and 0 <= m["consistency_cfg3"] <= 1
+    doc = (tmp_path / "docs" / "results.md").read_text()
+    assert "## 6. Class-conditional teacher" in doc and "class consistency" in doc
