@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import _eco_randomize
 
 from dkdm_cli.errors import ModelFileError, TeacherError, UserError
 from dkdm_cli.teachers.diffusers_dit import DiffusersDiT, dit_config, is_dit_config
@@ -140,15 +141,6 @@ def test_hub_download_includes_the_transformer_folder():
 
 # -- a tiny DiTPipeline, end to end ------------------------------------------------------------
 
-def _randomize(module, std=0.2, seed=0):
-    """Non-zero weights everywhere (adaLN-Zero's zero init would make every test vacuous)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return module.eval()
-
-
 def write_tiny_dit_folder(path: Path, *, num_train_timesteps: int = 50) -> Path:
     """A DiTPipeline saved by diffusers (safetensors): 16x16x3 images <-> 8x8x4 latents, a DiT
     with 3 classes (+ the null row), learned sigma, linear DDIM config without clipping."""
@@ -162,7 +154,7 @@ def write_tiny_dit_folder(path: Path, *, num_train_timesteps: int = 50) -> Path:
                         layers_per_block=1, latent_channels=4, norm_num_groups=2, sample_size=16)
     scheduler = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear",
                               clip_sample=False)
-    DiTPipeline(transformer=_randomize(transformer), vae=_randomize(vae, std=0.1, seed=1),
+    DiTPipeline(transformer=_eco_randomize(transformer), vae=_eco_randomize(vae, std=0.1, seed=1),
                 scheduler=scheduler).save_pretrained(str(path), safe_serialization=True)
     return path
 
