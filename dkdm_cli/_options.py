@@ -42,3 +42,8 @@ CfgOpt = Annotated[
     typer.Option("--cfg", help="Class-conditional models with a null class: classifier-free "
                  "guidance scale (1: none).", show_default=False),
 ]
+PrecisionOpt = Annotated[
+    Optional[str],
+    typer.Option("--precision", help="Dtype of the sampled networks: auto (bf16 on a CUDA device "
+                 "that supports it, else fp32) | fp32 | bf16 | fp16.", show_default=False),
+]

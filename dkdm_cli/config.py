@@ -82,11 +82,34 @@ class Init(Choice):
 
 
 class Precision(Choice):
-    """Arithmetic of the student's forward pass."""
+    """Arithmetic of the student's forward pass (its weights and optimizer stay float32)."""
 
-    AUTO = ("auto", "bf16 autocast on CUDA, fp32 elsewhere")
+    AUTO = ("auto", "bf16 autocast on a CUDA device that supports it, fp32 elsewhere")
+    FP32 = ("fp32", "")
+    BF16 = ("bf16", "bf16 autocast")
+
+
+class NetworkPrecision(Choice):
+    """The dtype a frozen network (the teacher, or the model `dkdm sample` / `dkdm eval` run)
+    is cast to; norm layers of dkdm's UNet and DiT keep float32 parameters."""
+
+    AUTO = ("auto", "bf16 on a CUDA device that supports it, fp32 elsewhere")
     FP32 = ("fp32", "")
     BF16 = ("bf16", "")
+    FP16 = ("fp16", "")
+
+
+class Compile(Choice):
+    """Whether the networks are compiled with torch.compile (the maths is the same)."""
+
+    AUTO = ("auto", "on for CUDA devices, off elsewhere (a CPU run rarely repays the compile time)")
+    ON = ("on", "")
+    OFF = ("off", "")
+
+    @classmethod
+    def from_bool(cls, value: bool) -> Compile:
+        """`compile = true / false`, as earlier versions wrote it."""
+        return cls.ON if value else cls.OFF
 
 
 def opt(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
@@ -144,7 +167,10 @@ class DistillConfig:
     seed: int = opt(0, "random seed (each rank adds its rank)", min=0)
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     precision: Precision = opt(Precision.AUTO, f"student arithmetic: {Precision.described()}")
-    compile: bool = opt(False, "torch.compile the student")
+    teacher_precision: NetworkPrecision = opt(
+        NetworkPrecision.AUTO, f"teacher dtype: {NetworkPrecision.described()}")
+    compile: Compile = opt(Compile.AUTO, "torch.compile the student and the teacher network: "
+                           f"{Compile.described()}")
     run_dir: str = opt("", "run directory (default runs/<teacher>-<student>)")
     save_every: int = opt(500, "checkpoint every N iterations (and at the end)", min=1)
     keep_last: int = opt(3, "checkpoints to keep", min=1)
@@ -183,6 +209,8 @@ class SampleConfig:
     seed: int = opt(0, "random seed", min=0)
     batch_size: int = opt(64, "images per forward", min=1)
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    precision: NetworkPrecision = opt(NetworkPrecision.AUTO, "dtype of the sampled network: "
+                                      f"{NetworkPrecision.described()}")
     classes: list = opt([], "class-conditional models: the classes to sample, in turn "
                         "([]: uniform over all)", min=0)
     cfg_scale: float = opt(1.0, "class-conditional models with a null class: classifier-free "
@@ -201,6 +229,8 @@ class EvalConfig:
     reference: str = opt("teacher", "teacher | a folder of images | a statistics .npz")
     inception_weights: str = opt("", "Inception weights file for offline use")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    precision: NetworkPrecision = opt(NetworkPrecision.AUTO, "dtype of the sampled networks "
+                                      f"(model and teacher reference): {NetworkPrecision.described()}")
     classes: list = opt([], "class-conditional models: score only these classes (the samples "
                         "and the teacher reference), in turn ([]: uniform over all)", min=0)
     cfg_scale: float = opt(1.0, "class-conditional models with a null class: classifier-free "
@@ -234,11 +264,13 @@ class Config:
         """The resolved configuration as TOML."""
         return tomli_w.dumps(self.to_dict())
 
-    def save(self, path: Path) -> None:
-        """Write the resolved configuration as TOML (atomically)."""
+    def save(self, path: Path, *, notes: list[str] | None = None) -> None:
+        """Write the resolved configuration as TOML (atomically), with `notes` as comment lines
+        at the end (the file stays a loadable config)."""
         from dkdm_cli import _fs
 
-        _fs.write_text(Path(path), self.to_toml())
+        tail = "".join(f"# {line}\n" for line in notes or ())
+        _fs.write_text(Path(path), self.to_toml() + ("\n" + tail if tail else ""))
 
 
 _SECTION_TYPES = {"teacher": TeacherConfig, "student": StudentConfig, "distill": DistillConfig,
@@ -262,6 +294,8 @@ def _check_value(where: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
     if isinstance(tp, type) and issubclass(tp, Choice):
         if isinstance(value, str) and value in tp._value2member_map_:
             return tp(value)
+        if isinstance(value, bool) and hasattr(tp, "from_bool"):
+            return tp.from_bool(value)
         raise ConfigError(f"{where}: expected one of {', '.join(m.value for m in tp)}, got {value!r}"
                           + _did_you_mean(str(value), [m.value for m in tp]))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):

@@ -7,37 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dkdm_cli.diffusion.settings import DiffusionSettings
+from dkdm_cli import testing
 from dkdm_cli.models import create_model
-from dkdm_cli.models.io import save_model
 
-TINY_UNET = dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
-                 num_heads=1)
+TINY_UNET = testing.TINY_UNET
 
 
-def make_tiny_teacher_file(path: Path, *, learn_sigma: bool = True, num_timesteps: int = 20,
-                           image_size: int = 8, channels: int = 1, seed: int = 0,
-                           variance: str | None = None, num_classes: int = 0,
-                           class_null: bool = False) -> Path:
-    """A dkdm model file holding a tiny random UNet teacher with a short noise schedule
-    (class-conditional with `num_classes`, with a null class when `class_null`).
-
-    Its zero-initialised output layer is randomised so the teacher's eps is not trivially 0.
-    """
-    torch.manual_seed(seed)
-    labels = dict(num_classes=num_classes, class_null=class_null) if num_classes else {}
-    model = create_model("unet-t", image_size=image_size, in_channels=channels,
-                         learn_sigma=learn_sigma, **TINY_UNET, **labels)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0 and p.dim() > 1:
-                p.normal_(0, 0.05)
-    settings = DiffusionSettings(
-        schedule="cosine", num_timesteps=num_timesteps,
-        variance=variance or ("learned_range" if learn_sigma else "fixed_small"),
-    )
-    save_model(model, path, extra={"diffusion": settings.to_dict()})
-    return path
+make_tiny_teacher_file = testing.write_teacher_file
 
 
 @pytest.fixture(scope="session")
@@ -93,78 +69,12 @@ def tiny_distill_args(teacher: Path, run_dir: Path, *, iterations: int = 6, batc
 import shutil as _eco_shutil  # noqa: E402
 
 import pytest as _eco_pytest  # noqa: E402
-import torch as _eco_torch  # noqa: E402
 
-ECO_ADM_ARCH = "improved-diffusion"
-ECO_ADM_FLAGS = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-                     attention_resolutions="4", num_heads=2, learn_sigma=True, diffusion_steps=100,
-                     noise_schedule="cosine")
-
-
-def _eco_randomize(module, std=0.2, seed=0):
-    """Non-zero weights everywhere (zero-initialised output layers would make tests vacuous)."""
-    gen = _eco_torch.Generator().manual_seed(seed)
-    with _eco_torch.no_grad():
-        for p in module.parameters():
-            p.copy_(_eco_torch.randn(p.shape, generator=gen) * std)
-    return module.eval()
-
-
-def eco_tiny_unet2d(*, in_channels=3, out_channels=6, sample_size=8):
-    """A ~12k-parameter diffusers UNet2DModel with one attention level."""
-    from diffusers import UNet2DModel
-
-    unet = UNet2DModel(sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
-                       layers_per_block=1, block_out_channels=(4, 8),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=2,
-                       attention_head_dim=4)
-    return _eco_randomize(unet)
-
-
-def eco_tiny_vqmodel(*, scaling_factor=0.7):
-    """A tiny diffusers VQModel: 16x16x3 images <-> 8x8x3 latents."""
-    from diffusers import VQModel
-
-    vq = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                 up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(4, 8),
-                 layers_per_block=1, latent_channels=3, norm_num_groups=2, num_vq_embeddings=16,
-                 vq_embed_dim=3, sample_size=16, scaling_factor=scaling_factor)
-    return _eco_randomize(vq, std=0.1)
-
-
-def eco_write_ddpm_folder(path, *, variance_type="learned_range", prediction_type="epsilon",
-                          beta_schedule="squaredcos_cap_v2", num_train_timesteps=100, **scheduler_kw):
-    """A diffusers DDPMPipeline folder (model_index.json, unet/, scheduler/) saved by diffusers."""
-    from diffusers import DDPMPipeline, DDPMScheduler
-
-    learned = variance_type in ("learned", "learned_range")
-    unet = eco_tiny_unet2d(out_channels=6 if learned else 3)
-    scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, variance_type=variance_type,
-                              prediction_type=prediction_type, beta_schedule=beta_schedule,
-                              **scheduler_kw)
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(path))
-    return path
-
-
-def eco_write_ldm_folder(path):
-    """A diffusers LDMPipeline folder (unet/, vqvae/, scheduler/ with a DDIM config) as LDM ships."""
-    from diffusers import DDIMScheduler, LDMPipeline
-
-    scheduler = DDIMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear",
-                              beta_start=0.0015, beta_end=0.0195, clip_sample=False)
-    LDMPipeline(vqvae=eco_tiny_vqmodel(), unet=eco_tiny_unet2d(out_channels=3),
-                scheduler=scheduler).save_pretrained(str(path))
-    return path
-
-
-def eco_write_adm_checkpoint(path, *, arch=ECO_ADM_ARCH, flags=None, seed=0):
-    """An improved-diffusion-format state dict (.pt) for `flags`, written with torch.save."""
-    from dkdm_cli.teachers.adm import build_unet, resolve_flags, to_adm_state_dict
-
-    model = _eco_randomize(build_unet(resolve_flags(arch, flags or ECO_ADM_FLAGS)), std=0.05, seed=seed)
-    _eco_torch.save(to_adm_state_dict(model), path)
-    return path
+ECO_ADM_ARCH, ECO_ADM_FLAGS = testing.ADM_ARCH, testing.ADM_FLAGS
+_eco_randomize = testing.randomize
+eco_tiny_unet2d, eco_tiny_vqmodel = testing.tiny_unet2d, testing.tiny_vqmodel
+eco_write_ddpm_folder, eco_write_ldm_folder = testing.write_ddpm_folder, testing.write_ldm_folder
+eco_write_adm_checkpoint = testing.write_adm_checkpoint
 
 
 @_eco_pytest.fixture(scope="session")

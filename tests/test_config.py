@@ -20,7 +20,7 @@ from dkdm_cli import config as config_mod
 from dkdm_cli.cli import run
 from dkdm_cli.commands import sample as sample_cmd
 from dkdm_cli.commands.init import render, template_text
-from dkdm_cli.config import Config, defaults_for, field_docs, load_config, merge
+from dkdm_cli.config import Compile, Config, defaults_for, field_docs, load_config, merge
 from dkdm_cli.errors import ConfigError, UserError
 from dkdm_cli.recommended import recommended_for
 
@@ -54,7 +54,7 @@ BAD_FILES = {
                        ["[distill] batch_size", "expected an integer", "'8'"]),
     "float-for-int": ("[sample]\nnum = 3.0\n", ["[sample] num", "expected an integer", "3.0"]),
     "bool-for-int": ("[sample]\nnum = true\n", ["[sample] num", "expected an integer", "True"]),
-    "int-for-bool": ("[distill]\ncompile = 1\n", ["[distill] compile", "expected true or false", "1"]),
+    "int-for-bool": ("[distill]\nema_warmup = 1\n", ["[distill] ema_warmup", "expected true or false", "1"]),
     "int-for-string": ("[teacher]\nname = 3\n", ["[teacher] name", "expected a string"]),
     "int-for-table": ("[student]\nkwargs = 3\n", ["[student] kwargs", "expected a table"]),
     "string-for-float": ('[distill]\nlr = "fast"\n', ["[distill] lr", "expected a number"]),
@@ -216,7 +216,7 @@ def _non_default() -> Config:
         teacher=dataclasses.replace(base.teacher, name="hf:google/ddpm-cifar10-32",
                                     arch_kwargs={"num_channels": 128, "learn_sigma": True}),
         student=dataclasses.replace(base.student, name="dit-s/2", kwargs={"depth": 4, "mlp_ratio": 2.5}),
-        distill=dataclasses.replace(base.distill, lr=9.6e-5, rho=4.0, mode="shuffle", compile=True,
+        distill=dataclasses.replace(base.distill, lr=9.6e-5, rho=4.0, mode="shuffle", compile=Compile.ON,
                                     run_dir="runs/x y"),
         sample=dataclasses.replace(base.sample, sampler="ddim", eta=0.3, steps=200),
         export=dataclasses.replace(base.export, format="onnx", ema=False),

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import _eco_randomize
 
+from dkdm_cli import testing
 from dkdm_cli.errors import ModelFileError, TeacherError, UserError
 from dkdm_cli.teachers.diffusers_dit import DiffusersDiT, dit_config, is_dit_config
 from dkdm_cli.teachers.diffusers_folder import load_diffusers_teacher, plan_folder
@@ -23,7 +23,7 @@ from dkdm_cli.teachers.registry import TEACHERS
 pytestmark = pytest.mark.usefixtures("no_network")
 
 DIT = Path(__file__).parent / "fixtures" / "hub" / "facebook--DiT-XL-2-256"
-TINY_CLASSES = 3
+TINY_CLASSES = testing.DIT_CLASSES
 
 
 def _x(shape, seed=1):
@@ -141,22 +141,7 @@ def test_hub_download_includes_the_transformer_folder():
 
 # -- a tiny DiTPipeline, end to end ------------------------------------------------------------
 
-def write_tiny_dit_folder(path: Path, *, num_train_timesteps: int = 50) -> Path:
-    """A DiTPipeline saved by diffusers (safetensors): 16x16x3 images <-> 8x8x4 latents, a DiT
-    with 3 classes (+ the null row), learned sigma, linear DDIM config without clipping."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
-
-    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                        out_channels=8, num_layers=2, sample_size=8, patch_size=2,
-                                        num_embeds_ada_norm=TINY_CLASSES)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(4, 8),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=2, sample_size=16)
-    scheduler = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear",
-                              clip_sample=False)
-    DiTPipeline(transformer=_eco_randomize(transformer), vae=_eco_randomize(vae, std=0.1, seed=1),
-                scheduler=scheduler).save_pretrained(str(path), safe_serialization=True)
-    return path
+write_tiny_dit_folder = testing.write_dit_folder
 
 
 @pytest.fixture(scope="module")

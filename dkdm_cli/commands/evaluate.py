@@ -16,6 +16,7 @@ from dkdm_cli._options import (
     ConfigOpt,
     DeviceOpt,
     JsonOpt,
+    PrecisionOpt,
     QuietOpt,
     SeedOpt,
     SetOpt,
@@ -91,6 +92,7 @@ def evaluate(
     cache: Annotated[bool, typer.Option(
         "--cache/--no-cache", help="Reuse cached features and teacher references.")] = True,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     json_out: JsonOpt = False,
@@ -105,6 +107,7 @@ def evaluate(
     cfg = load_config(config, flags={"eval": dict(
         num=num, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size,
         reference=reference, device=device, classes=classes, cfg_scale=cfg_scale,
+        precision=precision,
         inception_weights=str(inception_weights) if inception_weights else None)}, sets=set_).eval
     flags = [name for name, on in (("fid", fid), ("isc", isc), ("kid", kid), ("prc", prc),
                                    ("sfid", sfid), ("consistency", consistency)) if on]

@@ -18,6 +18,7 @@ from dkdm_cli._options import (
     ConfigOpt,
     DeviceOpt,
     JsonOpt,
+    PrecisionOpt,
     QuietOpt,
     SeedOpt,
     SetOpt,
@@ -26,6 +27,7 @@ from dkdm_cli._options import (
 from dkdm_cli.checkpoint import refuse_run_internals
 from dkdm_cli.config import SampleConfig, class_list, load_config
 from dkdm_cli.errors import UserError
+from dkdm_cli.precision import sampling_policy
 from dkdm_cli.sample import (
     compare_with_teacher,
     generate,
@@ -89,7 +91,8 @@ def _compare(student: Teacher, path: Path, cfg: SampleConfig, dev, noise, images
     if spec is None:
         raise UserError("--compare-teacher needs a student (a run directory or an export) that "
                         "records its teacher; this model records none")
-    teacher = load_teacher(spec, device=str(dev))
+    network = sampling_policy(cfg.precision, dev).network  # the student's policy, for both
+    teacher = load_teacher(spec, device=str(dev)).to(dev, dtype=network)
     k = min(cfg.num, COMPARE_MAX)
     # The first k samples are reusable when their batches (hence per-step noise) match a k-run.
     reuse = images[:k] if (k == cfg.num or k % cfg.batch_size == 0) else None
@@ -130,6 +133,7 @@ def sample(
     classes: ClassOpt = None,
     cfg_scale: CfgOpt = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     json_out: JsonOpt = False,
@@ -149,9 +153,11 @@ def sample(
     cfg = load_config(config, flags={"sample": dict(num=num, steps=steps, sampler=sampler, eta=eta,
                                                     seed=seed, batch_size=batch_size,
                                                     device=device, classes=classes,
-                                                    cfg_scale=cfg_scale)}, sets=set_).sample
+                                                    cfg_scale=cfg_scale, precision=precision)},
+                      sets=set_).sample
     dev = resolve_device(cfg.device)
-    denoiser = load_source(teacher, model, ema=ema, device=str(dev))
+    policy = sampling_policy(cfg.precision, dev)
+    denoiser = load_source(teacher, model, ema=ema, device=str(dev)).to(dev, dtype=policy.network)
     labels = sample_labels(denoiser, cfg.num, seed=cfg.seed, classes=class_list(cfg.classes))
     denoiser.denoise_fn(None if labels is None else labels[:1], cfg=cfg.cfg_scale)  # a bad --cfg
     silent = quiet or json_out

@@ -38,22 +38,59 @@ class VarianceType(str, Enum):
         return self in (VarianceType.LEARNED_RANGE, VarianceType.LEARNED)
 
 
-@dataclass(frozen=True)
+# The per-step tables a reverse step reads, gathered together (`GaussianDiffusion.coefs`).
+COEF_NAMES = (
+    "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2",
+    "posterior_log_variance_clipped", "log_betas", "large_log_variance", "alphas_cumprod",
+    "alphas_cumprod_prev",
+)
+
+
+class StepCoefs:
+    """Every per-step coefficient of a batch at steps t, each (B, 1, ...) broadcastable against
+    the batch, in its dtype and on its device: ONE gather from the process's device table, shared
+    by everything computed at those steps (the teacher's reverse step, the student's KL, DDIM)."""
+
+    __slots__ = COEF_NAMES
+
+    def __init__(self, values: torch.Tensor) -> None:  # values (K, B, 1, ...)
+        for name, v in zip(COEF_NAMES, values.unbind(0), strict=True):
+            setattr(self, name, v)
+
+
+@dataclass
 class ReverseStep:
-    """p(x_{t-1} | x_t) and the predictions it was computed from."""
+    """p(x_{t-1} | x_t) and the predictions it was computed from (float32 maths)."""
 
     mean: torch.Tensor  # (B, C, H, W)
-    variance: torch.Tensor  # (B, C, H, W) or broadcastable (B, 1, 1, 1)
-    log_variance: torch.Tensor  # same shape as variance
+    log_variance: torch.Tensor  # (B, C, H, W), or a broadcast view for fixed variances
     pred_x0: torch.Tensor  # (B, C, H, W), clipped when asked
-    eps: torch.Tensor  # (B, C, H, W), consistent with pred_x0
+    x_t: torch.Tensor  # (B, C, H, W) the states the step starts from
+    coefs: StepCoefs  # the per-step coefficients at t, reusable by the caller
+    model_eps: torch.Tensor | None = None  # the model's eps where it predicts eps, unclipped
+    clipped: bool = False
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Sigma_t (computed when asked: the loop never needs it)."""
+        return torch.exp(self.log_variance)
+
+    @property
+    def eps(self) -> torch.Tensor:
+        """The eps consistent with pred_x0 (the model's own where nothing was clipped)."""
+        if self.model_eps is not None and not self.clipped:
+            return self.model_eps
+        c = self.coefs
+        return (c.sqrt_recip_alphas_cumprod * self.x_t - self.pred_x0) / c.sqrt_recipm1_alphas_cumprod
 
 
 def _extract(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """arr[t] reshaped to broadcast against `like` (B, ...), in like's dtype and device.
 
-    The float64 table is cast on the CPU before it moves: Apple GPUs (mps) have no float64, and
-    the cast-then-index result equals index-then-cast element for element.
+    For one-off use (benchmarks, tests); the process's own maths gathers from tables cached on
+    the device (`GaussianDiffusion.coefs`). The float64 table is cast on the CPU before it
+    moves: Apple GPUs (mps) have no float64.
     """
     table = arr.to(dtype=like.dtype) if arr.dtype != like.dtype else arr  # (T,), on the CPU
     out = table.to(like.device)[t.to(like.device)]  # (B,)
@@ -155,46 +192,65 @@ class GaussianDiffusion:
         self.log_betas = t64(np.log(betas))
         self.large_variance = t64(large_var)
         self.large_log_variance = t64(np.log(large_var))
+        # Device copies, built once per (device, dtype) and then only indexed: an iteration
+        # never casts or copies a table (tests/test_host_sync.py).
+        self._coef_tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._maps: dict[torch.device, torch.Tensor] = {}
+
+    # -- per-step coefficients --------------------------------------------------------------
+
+    def coef_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(K, T): every table of COEF_NAMES in `dtype` on `device` (cast on the CPU, then moved
+        once; cached)."""
+        key = (torch.device(device), dtype)
+        table = self._coef_tables.get(key)
+        if table is None:
+            stacked = torch.stack([getattr(self, name) for name in COEF_NAMES])  # (K, T) float64
+            table = self._coef_tables[key] = stacked.to(dtype).to(device)
+        return table
+
+    def coefs(self, t: torch.Tensor, like: torch.Tensor) -> StepCoefs:
+        """The coefficients at steps t (B,) for a batch shaped like `like` (B, ...): one gather."""
+        values = self.coef_table(like.device, like.dtype)[:, t]  # (K, B)
+        return StepCoefs(values.reshape(len(COEF_NAMES), -1, *([1] * (like.dim() - 1))))
 
     # -- the forward process q ------------------------------------------------------------
 
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
         """q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I): (mean, variance, log_var)."""
-        mean = _extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        var = _extract(1.0 - self.alphas_cumprod, t, x0)
-        return mean, var, torch.log(var)
+        c = self.coefs(t, x0)
+        var = 1.0 - c.alphas_cumprod
+        return c.sqrt_alphas_cumprod * x0, var, torch.log(var)
 
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                 coefs: StepCoefs | None = None) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
-        return (
-            _extract(self.sqrt_alphas_cumprod, t, x0) * x0
-            + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
-        )  # (B, C, H, W)
+        c = coefs or self.coefs(t, x0)
+        return c.sqrt_alphas_cumprod * x0 + c.sqrt_one_minus_alphas_cumprod * noise  # (B, C, H, W)
+
+    def q_posterior_mean(self, *, x0: torch.Tensor, x_t: torch.Tensor, coefs: StepCoefs) -> torch.Tensor:
+        """mu~_t(x_t, x_0), the mean of q(x_{t-1} | x_t, x_0)."""
+        return coefs.posterior_mean_coef1 * x0 + coefs.posterior_mean_coef2 * x_t
 
     def q_posterior(self, *, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I): (mean, variance, clipped log-variance)."""
-        mean = (
-            _extract(self.posterior_mean_coef1, t, x_t) * x0
-            + _extract(self.posterior_mean_coef2, t, x_t) * x_t
-        )
+        c = self.coefs(t, x_t)
         var = _extract(self.posterior_variance, t, x_t)
-        log_var = _extract(self.posterior_log_variance_clipped, t, x_t)
-        return mean, var, log_var
+        return self.q_posterior_mean(x0=x0, x_t=x_t, coefs=c), var, c.posterior_log_variance_clipped
 
     # -- converting between parameterisations ---------------------------------------------
 
-    def x0_from_eps(self, *, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def x0_from_eps(self, *, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                    coefs: StepCoefs | None = None) -> torch.Tensor:
         """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
-        return (
-            _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-            - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
-        )
+        c = coefs or self.coefs(t, x_t)
+        return c.sqrt_recip_alphas_cumprod * x_t - c.sqrt_recipm1_alphas_cumprod * eps
 
-    def eps_from_x0(self, *, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def eps_from_x0(self, *, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor,
+                    coefs: StepCoefs | None = None) -> torch.Tensor:
         """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1/alpha_bar_t - 1)."""
-        return (
-            _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0
-        ) / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+        c = coefs or self.coefs(t, x_t)
+        return (c.sqrt_recip_alphas_cumprod * x_t - x0) / c.sqrt_recipm1_alphas_cumprod
 
     def split_output(self, output: torch.Tensor, channels: int):
         """(prediction, variance values or None) from a model output with C or 2C channels."""
@@ -211,32 +267,39 @@ class GaussianDiffusion:
             raise ConfigError(f"expected {channels} output channels, got {output.shape[1]}")
         return output, None
 
+    def x0_from_prediction(self, pred: torch.Tensor, *, x_t: torch.Tensor, coefs: StepCoefs):
+        """(x_0, the model's eps or None): x_0 implied by the prediction, whatever it
+        parameterises; eps only where the model predicts it (it costs nothing then)."""
+        if self.prediction is Prediction.EPSILON:
+            return self.x0_from_eps(x_t=x_t, t=None, eps=pred, coefs=coefs), pred
+        if self.prediction is Prediction.SAMPLE:
+            return pred, None
+        # v = sqrt(a_bar) eps - sqrt(1 - a_bar) x_0
+        return coefs.sqrt_alphas_cumprod * x_t - coefs.sqrt_one_minus_alphas_cumprod * pred, None
+
     def eps_and_x0(self, pred: torch.Tensor, *, x_t: torch.Tensor, t: torch.Tensor):
         """(eps, x_0) implied by the model's prediction, whatever it parameterises."""
-        if self.prediction is Prediction.EPSILON:
-            return pred, self.x0_from_eps(x_t=x_t, t=t, eps=pred)
-        if self.prediction is Prediction.SAMPLE:
-            return self.eps_from_x0(x_t=x_t, t=t, x0=pred), pred
-        a = _extract(self.sqrt_alphas_cumprod, t, x_t)
-        s = _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t)
-        # v = sqrt(a_bar) eps - sqrt(1 - a_bar) x_0
-        return a * pred + s * x_t, a * x_t - s * pred
+        c = self.coefs(t, x_t)
+        x0, eps = self.x0_from_prediction(pred, x_t=x_t, coefs=c)
+        if eps is None:
+            eps = self.eps_from_x0(x_t=x_t, t=t, x0=x0, coefs=c)
+        return eps, x0
 
-    def log_variance(self, var_values: torch.Tensor | None, *, t: torch.Tensor, like: torch.Tensor):
+    def log_variance(self, var_values: torch.Tensor | None, *, t: torch.Tensor, like: torch.Tensor,
+                     coefs: StepCoefs | None = None):
         """log Sigma_t for this variance type (var_values: the model's extra channels)."""
+        c = coefs or self.coefs(t, like)
         if self.variance is VarianceType.FIXED_SMALL:
-            return _extract(self.posterior_log_variance_clipped, t, like).expand_as(like)
+            return c.posterior_log_variance_clipped.expand_as(like)
         if self.variance is VarianceType.FIXED_LARGE:
-            return _extract(self.large_log_variance, t, like).expand_as(like)
+            return c.large_log_variance.expand_as(like)
         if var_values is None:
             raise ConfigError(f"variance type {self.variance.value} needs the model's variance output")
         if self.variance is VarianceType.LEARNED:
             return var_values
         # Learned range: log Sigma = v log beta_t + (1 - v) log beta~_t with v = (out + 1) / 2.
         frac = (var_values + 1) / 2
-        return frac * _extract(self.log_betas, t, like) + (1 - frac) * _extract(
-            self.posterior_log_variance_clipped, t, like
-        )
+        return frac * c.log_betas + (1 - frac) * c.posterior_log_variance_clipped
 
     # -- the reverse process p -------------------------------------------------------------
 
@@ -248,17 +311,33 @@ class GaussianDiffusion:
         t: torch.Tensor,
         clip_denoised: bool = True,
         clip_range: float = 1.0,
+        coefs: StepCoefs | None = None,
     ) -> ReverseStep:
         """p(x_{t-1} | x_t) from a model output: mean mu~_t(x_t, x_0_hat) and Sigma_t."""
         pred, var_values = self.split_output(output, x_t.shape[1])
-        eps, x0 = self.eps_and_x0(pred, x_t=x_t, t=t)
+        return self.reverse_step(pred, var_values, x_t=x_t, t=t, clip_denoised=clip_denoised,
+                                 clip_range=clip_range, coefs=coefs)
+
+    def reverse_step(
+        self,
+        pred: torch.Tensor,
+        var_values: torch.Tensor | None,
+        *,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        clip_range: float = 1.0,
+        coefs: StepCoefs | None = None,
+    ) -> ReverseStep:
+        """p(x_{t-1} | x_t) from the prediction (B, C, H, W) and the variance channels (or None)
+        already split; `coefs`: the coefficients at t when the caller has gathered them."""
+        c = coefs or self.coefs(t, x_t)
+        x0, model_eps = self.x0_from_prediction(pred, x_t=x_t, coefs=c)
         if clip_denoised:
             x0 = x0.clamp(-clip_range, clip_range)
-            eps = self.eps_from_x0(x_t=x_t, t=t, x0=x0)
-        mean, _, _ = self.q_posterior(x0=x0, x_t=x_t, t=t)
-        log_var = self.log_variance(var_values, t=t, like=x_t)
-        return ReverseStep(mean=mean, variance=torch.exp(log_var), log_variance=log_var,
-                           pred_x0=x0, eps=eps)
+        return ReverseStep(mean=self.q_posterior_mean(x0=x0, x_t=x_t, coefs=c),
+                           log_variance=self.log_variance(var_values, t=t, like=x_t, coefs=c),
+                           pred_x0=x0, x_t=x_t, coefs=c, model_eps=model_eps, clipped=clip_denoised)
 
     def ancestral_step(
         self, step: ReverseStep, *, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
@@ -272,8 +351,7 @@ class GaussianDiffusion:
         eta: float = 0.0,
     ) -> torch.Tensor:
         """DDIM (Song et al. eq. 12): x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z."""
-        a = _extract(self.alphas_cumprod, t, x_t)
-        a_prev = _extract(self.alphas_cumprod_prev, t, x_t)
+        a, a_prev = step.coefs.alphas_cumprod, step.coefs.alphas_cumprod_prev
         sigma = eta * torch.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
         direction = torch.sqrt((1 - a_prev - sigma**2).clamp(min=0)) * step.eps
         x_prev = torch.sqrt(a_prev) * step.pred_x0 + direction
@@ -282,7 +360,11 @@ class GaussianDiffusion:
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The original timesteps a model must be called with for this process's steps t."""
-        return self.timestep_map.to(t.device)[t]
+        table = self._maps.get(t.device)
+        if table is None:  # copied to each device once (a copy on the CPU too: the canonical
+            # map is never read in the loop, which tests/test_host_sync.py checks)
+            table = self._maps[t.device] = self.timestep_map.to(t.device, copy=True)
+        return table[t]
 
     # -- respacing -------------------------------------------------------------------------
 

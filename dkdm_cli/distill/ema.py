@@ -17,6 +17,7 @@ class EMA:
     def __init__(self, model: nn.Module, *, rate: float = 0.9999, warmup: bool = True) -> None:
         self.rate, self.warmup, self.num_updates = rate, warmup, 0
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs: tuple[list, list, nn.Module] | None = None  # (shadow, live params, model)
 
     def decay(self) -> float:
         """The decay the next update will use."""
@@ -27,14 +28,21 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """shadow <- d * shadow + (1 - d) * live, for every parameter; buffers are copied."""
+        """shadow <- d * shadow + (1 - d) * live, for every parameter (one fused kernel)."""
         d = self.decay()
-        live = [p.detach() for p in model.parameters()]
-        shadow = list(self.shadow.parameters())
-        if len(live) != len(shadow):
-            raise ValueError("EMA shadow and model have different parameters")
-        # One fused multi-tensor kernel instead of a Python loop over every parameter.
-        torch._foreach_lerp_(shadow, live, 1.0 - d)
+        if self._pairs is None or self._pairs[2] is not model:
+            live = [p.detach() for p in model.parameters()]
+            shadow = list(self.shadow.parameters())
+            if len(live) != len(shadow):
+                raise ValueError("EMA shadow and model have different parameters")
+            self._pairs = (shadow, live, model)
+        torch._foreach_lerp_(self._pairs[0], self._pairs[1], 1.0 - d)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_buffers(self, model: nn.Module) -> None:
+        """Copy the live model's buffers into the shadow. Not per step: dkdm's models hold only
+        constant buffers (e.g. DiT's position table); call it before the shadow is saved or used,
+        so a model with running statistics would still be right there."""
         for b_shadow, b_live in zip(self.shadow.buffers(), model.buffers(), strict=True):
             b_shadow.copy_(b_live)
-        self.num_updates += 1

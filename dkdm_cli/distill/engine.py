@@ -17,13 +17,8 @@ import torch
 from torch import nn
 
 from dkdm_cli import _console
-from dkdm_cli.checkpoint import (
-    Checkpoint,
-    checkpoint_path,
-    prune_checkpoints,
-    save_checkpoint,
-)
-from dkdm_cli.config import Config, DistillConfig, Mode, Precision
+from dkdm_cli.checkpoint import Checkpoint, checkpoint_path, prune_checkpoints
+from dkdm_cli.config import Config, DistillConfig, Mode
 from dkdm_cli.diffusion.samplers import Sampler, sample
 from dkdm_cli.distill import runs
 from dkdm_cli.distill.distributed import (
@@ -37,11 +32,13 @@ from dkdm_cli.distill.distributed import (
 from dkdm_cli.distill.ema import EMA
 from dkdm_cli.distill.observe import MetricWindow, Observer
 from dkdm_cli.distill.realdata import open_images
+from dkdm_cli.distill.saver import CheckpointWriter
 from dkdm_cli.distill.signals import StopFlag
 from dkdm_cli.distill.sources import build_source
 from dkdm_cli.distill.state import TrainState, student_settings
 from dkdm_cli.errors import ConfigError, ShapeMismatchError, TeacherError, TrainingError
 from dkdm_cli.models import count_parameters, create_model
+from dkdm_cli.precision import Policy, compile_options, distill_policy
 from dkdm_cli.sample import initial_noise, save_grid, to_uint8
 from dkdm_cli.teachers.base import Teacher
 from dkdm_cli.teachers.spec import resolve_teacher
@@ -110,34 +107,50 @@ def _lr_at(cfg: Config, step: int) -> float:
     return d.lr * min(1.0, (step + 1) / d.warmup) if d.warmup else d.lr
 
 
-def _autocast(device: torch.device, precision: Precision):
-    use_bf16 = precision is Precision.BF16 or (precision is Precision.AUTO and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+def make_optimizer(model: nn.Module, d: DistillConfig) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel per step on every device that has the fused kernel (CPU,
+    CUDA, ...): the same maths everywhere, and no host read of the step count."""
+    fused = all(p.device.type in _FUSED_DEVICES for p in model.parameters())
+    return torch.optim.AdamW(model.parameters(), lr=d.lr, weight_decay=d.weight_decay,
+                             fused=fused or None)
+
+
+try:  # the devices torch's fused AdamW supports (a capability, not a choice of maths)
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    _FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())
+except ImportError:  # pragma: no cover - older torch
+    _FUSED_DEVICES = frozenset({"cuda"})
 
 
 class Distiller:
     """One run: setup, start-up, the loop, checkpoints. Use `distill()` unless embedding."""
 
     def __init__(self, cfg: Config, *, info: DistInfo, run_dir: Path, teacher: Teacher,
-                 observer: Observer) -> None:
+                 observer: Observer, policy: Policy | None = None,
+                 writer: CheckpointWriter | None = None) -> None:
         self.cfg, self.info, self.run_dir, self.teacher, self.obs = cfg, info, run_dir, teacher, observer
         d = cfg.distill
         self.device = info.device
+        self.policy = policy or distill_policy(d, self.device)
         self.diffusion = teacher.diffusion
         self.seed = d.seed + info.rank
         torch.manual_seed(self.seed)
         student = build_student(cfg, teacher, self.device)
-        opt = torch.optim.AdamW(student.parameters(), lr=d.lr, weight_decay=d.weight_decay)
+        opt = make_optimizer(student, d)
         self.state = TrainState(student=student, ema=EMA(student, rate=d.ema_rate, warmup=d.ema_warmup),
                                 opt=opt)
         self.train_model: nn.Module = student
-        if d.compile:
-            self.train_model = torch.compile(self.train_model)
         if info.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+        if self.policy.compile:
+            # Compile OUTSIDE the DDP wrapper: dynamo then splits the graph at DDP's gradient
+            # buckets, so each bucket's all-reduce overlaps the rest of the backward pass.
+            self.train_model = torch.compile(self.train_model, **compile_options())
+        self.writer = writer or CheckpointWriter()
         self.settings = student_settings(teacher.settings)
         self.clip = teacher.settings.clip_denoised
 
@@ -146,9 +159,12 @@ class Distiller:
     def prepare_source(self, ckpt: Checkpoint | None) -> bool:
         """Build the batch source of the mode (pool, teacher samples or real images), from the
         checkpoint where it holds it; returns whether it came from the checkpoint."""
+        # The loop's teacher forwards go through the compiled network (one fixed batch shape);
+        # the start-up, whose batches shrink as states reach their steps, stays eager.
+        loop_teacher = self.teacher.compiled(**compile_options()) if self.policy.compile else None
         built = build_source(self.cfg.distill, teacher=self.teacher, device=self.device,
                              seed=self.seed, ckpt=ckpt, distributed=self.info.distributed,
-                             obs=self.obs)
+                             obs=self.obs, loop_teacher=loop_teacher)
         self.source, self.startup = built.source, built.startup
         return built.restored
 
@@ -165,7 +181,7 @@ class Distiller:
         for group in st.opt.param_groups:
             group["lr"] = _lr_at(self.cfg, st.step)
         labels = () if batch.y is None else (batch.y,)
-        with _autocast(self.device, d.precision):
+        with self.policy.autocast():
             out = self.train_model(batch.x, self.diffusion.model_timesteps(batch.t), *labels)
         terms = batch.loss(out)
         st.opt.zero_grad(set_to_none=True)
@@ -183,8 +199,9 @@ class Distiller:
 
     # -- outputs -----------------------------------------------------------------------------
 
-    def save(self) -> Path | None:
-        """Checkpoint the current state (main rank), keep the last K."""
+    def save(self, *, wait: bool = False) -> Path | None:
+        """Checkpoint the current state (main rank), keep the last K. The loop pays for a host
+        snapshot; the file is written in the background (distill/saver.py) unless `wait`."""
         d = self.cfg.distill
         path = checkpoint_path(self.run_dir, self.state.step)
         if self.info.is_main:
@@ -192,9 +209,12 @@ class Distiller:
             tensors, doc = self.state.to_tensors()
             tensors.update(self.source.tensors(save_data=save_pool))
             doc["startup_teacher_forwards"] = self.source.startup_forwards
+            doc["runtime"] = self.policy.describe()
             doc.update(runs.checkpoint_doc(self.cfg, self.teacher, self.state.student, self.settings))
-            save_checkpoint(path, tensors, doc)
-            prune_checkpoints(self.run_dir, d.keep_last)
+            self.writer.submit(path, tensors, doc,
+                               after=lambda: prune_checkpoints(self.run_dir, d.keep_last))
+            if wait:
+                self.writer.wait()
         barrier(self.info)
         return path
 
@@ -206,6 +226,7 @@ class Distiller:
         d = self.cfg.distill
         noise = initial_noise(d.grid_num, self.teacher.sample_shape, seed=d.seed + 2024).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(d.seed + 2025)
+        self.state.ema.copy_buffers(self.state.student)
         shadow = self.state.ema.shadow
         if self.teacher.conditional:  # one class per grid cell, in order: the grid reads by class
             y = (torch.arange(d.grid_num, device=self.device) % self.teacher.num_classes)  # (G,)
@@ -322,10 +343,11 @@ def distill(cfg: Config, *, force: bool = False, quiet: bool = False, json_out: 
             teacher = resolve_teacher(cfg.teacher.name, arch=cfg.teacher.arch,
                                       arch_kwargs=cfg.teacher.arch_kwargs, device=str(info.device))
         check_before_start(cfg, teacher)
+        policy = distill_policy(cfg.distill, info.device)  # refuses bf16 where there is none
         # Rank 0 locks, checks and writes the run directory first; the others then only read it.
         if info.is_main:
             opened = runs.open_run_dir(run_dir, cfg, force=force, say=None if quiet or json_out
-                                       else _console.info)
+                                       else _console.info, runtime=policy.describe())
             ckpt = opened.checkpoint
         barrier(info)
         if not info.is_main:
@@ -333,22 +355,27 @@ def distill(cfg: Config, *, force: bool = False, quiet: bool = False, json_out: 
         if ckpt is not None and ckpt.step >= cfg.distill.iterations:
             return DistillResult(run_dir, ckpt.step, "already-complete", 0.0, checkpoint=ckpt.path,
                                  is_main=info.is_main)
-        if info.device.type == "cuda":
-            teacher.to(info.device, dtype=torch.float16)
-        else:
-            teacher.to(info.device)
+        policy.apply_backend_flags()
+        teacher.to(info.device, dtype=policy.network)
+        writer = CheckpointWriter()
         with Observer(run_dir, is_main=info.is_main, quiet=quiet, json_out=json_out,
                       tensorboard=cfg.distill.tensorboard) as obs, StopFlag() as stop:
-            run = Distiller(cfg, info=info, run_dir=run_dir, teacher=teacher, observer=obs)
-            runs.announce(obs, cfg, info, teacher, run.state.student, count_parameters)
+            run = Distiller(cfg, info=info, run_dir=run_dir, teacher=teacher, observer=obs,
+                            policy=policy, writer=writer)
+            runs.announce(obs, cfg, info, teacher, run.state.student, count_parameters,
+                          runtime=policy.describe())
             restored = run.prepare_source(ckpt)
             if ckpt is not None:
                 run.state.restore(ckpt)
                 runs.warn_if_not_exact(cfg, restored)
             elif info.is_main and run.startup is not None:
                 runs.write_startup(run_dir, run.startup)
-            status, last = run.train(stop)
-            path = run.save() if status == "interrupted" else checkpoint_path(run_dir, run.state.step)
+            try:
+                status, last = run.train(stop)
+            finally:
+                writer.wait()  # the last checkpoint is on disk before anything else happens
+            path = run.save(wait=True) if status == "interrupted" else \
+                checkpoint_path(run_dir, run.state.step)
         return DistillResult(run_dir, run.state.step, status, time.perf_counter() - start, last, path,
                              is_main=info.is_main, exit_code=stop.exit_code, signal=stop.name,
                              teacher_forwards=run.teacher_forwards() * info.world_size,

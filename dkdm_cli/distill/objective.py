@@ -28,7 +28,6 @@ from dkdm_cli.diffusion.gaussian import (
     GaussianDiffusion,
     Prediction,
     ReverseStep,
-    _extract,
     discretized_gaussian_log_likelihood,
     mean_flat,
     normal_kl,
@@ -68,7 +67,7 @@ def dkdm_loss(
     """
     c = x_t.shape[1]
     eps_t, var_t = diffusion.split_output(teacher_out.float(), c)
-    student_out = student_out.float()
+    student_out = student_out.float()  # the loss is float32 whatever the student ran in
     eps_s = student_out[:, :c]
     mse = mean_flat((eps_t - eps_s) ** 2)  # (B,)
     use_kl = var_t is not None and student_out.shape[1] == 2 * c
@@ -76,8 +75,10 @@ def dkdm_loss(
         return LossTerms(loss=mse.mean(), per_sample=mse, mse=mse, kl=None)
     teacher = teacher_step or diffusion.p_mean_variance(teacher_out.float(), x_t=x_t, t=t,
                                                         clip_denoised=clip_denoised)
-    frozen = torch.cat([eps_s.detach(), student_out[:, c:]], dim=1)  # stop-gradient on eps_S
-    student = diffusion.p_mean_variance(frozen, x_t=x_t, t=t, clip_denoised=clip_denoised)
+    # The student's step at the same t reuses the teacher step's coefficients; its eps enters
+    # under stop-gradient, so the KL trains only the variance channels.
+    student = diffusion.reverse_step(eps_s.detach(), student_out[:, c:], x_t=x_t, t=t,
+                                     clip_denoised=clip_denoised, coefs=teacher.coefs)
     kl = mean_flat(
         normal_kl(teacher.mean, teacher.log_variance, student.mean, student.log_variance)
     ) / math.log(2.0)  # (B,) bits
@@ -96,9 +97,8 @@ def training_target(diffusion: GaussianDiffusion, *, x0: torch.Tensor, noise: to
         return noise
     if diffusion.prediction is Prediction.SAMPLE:
         return x0
-    a = _extract(diffusion.sqrt_alphas_cumprod, t, x0)  # (B, 1, 1, 1)
-    s = _extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x0)
-    return a * noise - s * x0  # (B, C, H, W)
+    c = diffusion.coefs(t, x0)  # (B, 1, 1, 1) each
+    return c.sqrt_alphas_cumprod * noise - c.sqrt_one_minus_alphas_cumprod * x0  # (B, C, H, W)
 
 
 def hybrid_loss(
@@ -123,9 +123,9 @@ def hybrid_loss(
     mse = mean_flat((target - pred) ** 2)  # (B,)
     if model_out.shape[1] != 2 * c:
         return LossTerms(loss=mse.mean(), per_sample=mse, mse=mse, kl=None)
-    frozen = torch.cat([pred.detach(), model_out[:, c:]], dim=1)
-    p = diffusion.p_mean_variance(frozen, x_t=x_t, t=t, clip_denoised=False)
-    true_mean, _, true_log_var = diffusion.q_posterior(x0=x0, x_t=x_t, t=t)
+    p = diffusion.reverse_step(pred.detach(), model_out[:, c:], x_t=x_t, t=t, clip_denoised=False)
+    true_mean = diffusion.q_posterior_mean(x0=x0, x_t=x_t, coefs=p.coefs)
+    true_log_var = p.coefs.posterior_log_variance_clipped
     kl = mean_flat(normal_kl(true_mean, true_log_var, p.mean, p.log_variance)) / math.log(2.0)
     nll = -mean_flat(
         discretized_gaussian_log_likelihood(x0, means=p.mean, log_scales=0.5 * p.log_variance)

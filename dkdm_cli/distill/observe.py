@@ -21,7 +21,10 @@ from dkdm_cli import _console
 
 
 class MetricWindow:
-    """Sums of per-iteration metrics kept on the device; read (one sync) at log time."""
+    """Sums of per-iteration metrics kept on the device; read (one sync) at log time.
+
+    Float32 sums (float64 is slow or missing on GPUs, and a window is at most thousands of
+    values); the iteration count is a Python int, so adding never reads the device."""
 
     def __init__(self, device: torch.device, num_timesteps: int) -> None:
         self.device, self.T = device, num_timesteps
@@ -29,32 +32,31 @@ class MetricWindow:
 
     def reset(self) -> None:
         """Start a new window."""
-        z = torch.zeros((), device=self.device, dtype=torch.float64)
-        self.loss, self.mse, self.kl, self.grad = z.clone(), z.clone(), z.clone(), z.clone()
-        self.q_sum = torch.zeros(4, device=self.device, dtype=torch.float64)
-        self.q_count = torch.zeros(4, device=self.device, dtype=torch.float64)
+        # sums (12,): loss, mse, kl, grad norm, then per-sample loss and count per quarter of t
+        self.sums = torch.zeros(12, device=self.device)
         self.iterations, self.has_kl = 0, False
         self.started = time.perf_counter()
 
     def add(self, *, loss, mse, kl, per_sample, t, grad_norm) -> None:
         """Accumulate one iteration (tensors stay on the device)."""
-        self.loss += loss.detach()
-        self.mse += mse.detach().mean()
+        s = self.sums
+        s[0] += loss.detach()
+        s[1] += mse.detach().mean()
         if kl is not None:
-            self.kl += kl.detach().mean()
+            s[2] += kl.detach().mean()
             self.has_kl = True
-        self.grad += grad_norm.detach()
+        s[3] += grad_norm.detach()
         quarter = (t * 4 // self.T).clamp(max=3)  # (B,) which quarter of 0..T-1 each true t is in
-        self.q_sum.index_add_(0, quarter, per_sample.detach().double())
-        self.q_count.index_add_(0, quarter, torch.ones_like(per_sample, dtype=torch.float64))
+        per_sample = per_sample.detach().float()
+        s[4:8].index_add_(0, quarter, per_sample)
+        s[8:12].index_add_(0, quarter, torch.ones_like(per_sample))
         self.iterations += 1
 
     def summary(self, reduce_sum=None) -> dict[str, Any]:
         """Means over the window (one device sync). `reduce_sum` sums a tensor over ranks, so
         a multi-process job reports the means over every rank's samples."""
-        packed = torch.cat([torch.stack([self.loss, self.mse, self.kl, self.grad]), self.q_sum,
-                            self.q_count, torch.tensor([float(self.iterations)], device=self.device,
-                                                       dtype=torch.float64)])  # (13,)
+        packed = torch.cat([self.sums, torch.full((1,), float(self.iterations),
+                                                  device=self.device)])  # (13,)
         if reduce_sum is not None:
             packed = reduce_sum(packed)
         vals = packed.cpu().tolist()

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
@@ -58,10 +58,19 @@ class LabelPlan:
     weights: tuple[float, ...]  # relative class frequencies, K = number of classes
     null_class: int | None = None
     null_prob: float = 0.0
+    # The weights as a tensor per device, made once: the loop draws labels every iteration.
+    _probs: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def probabilities(self, device: torch.device) -> torch.Tensor:
+        """The class weights (K,) as a float32 tensor on `device` (cached)."""
+        probs = self._probs.get(device)
+        if probs is None:
+            probs = self._probs[device] = torch.tensor(self.weights, dtype=torch.float32).to(device)
+        return probs
 
     def draw(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """Labels (n,), from `generator`; the same amount of randomness whatever comes out."""
-        probs = torch.tensor(self.weights, dtype=torch.float64, device=device)
+        probs = self.probabilities(device)
         y = torch.multinomial(probs, n, replacement=True, generator=generator) if n else \
             torch.zeros(0, dtype=torch.long, device=device)  # (n,)
         drop = torch.rand(n, generator=generator, device=device) < self.null_prob  # (n,)

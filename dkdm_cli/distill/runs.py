@@ -16,9 +16,11 @@ from dkdm_cli.errors import CheckpointError, ConfigError, UserError
 
 # Settings that may change when a run is resumed; every other one must match.
 RESUMABLE = {
+    # Where and how fast a run executes may change (e.g. resumed on another machine, whose
+    # "auto" precision differs); what it learns may not.
     "distill": {"iterations", "log_every", "save_every", "keep_last", "grid_every", "grid_num",
                 "grid_steps", "device", "tensorboard", "compile", "init_batch_size", "run_dir",
-                "save_pool"},
+                "save_pool", "precision", "teacher_precision"},
     "sample": None, "eval": None, "export": None,  # None: the whole section
 }
 
@@ -123,7 +125,8 @@ class OpenedRun:
     moved_to: Path | None = None
 
 
-def open_run_dir(run_dir: Path, cfg: Config, *, force: bool, say=None) -> OpenedRun:
+def open_run_dir(run_dir: Path, cfg: Config, *, force: bool, say=None,
+                 runtime: dict[str, Any] | None = None) -> OpenedRun:
     """Lock the run directory and decide: resume, start fresh, or (with `force`, when the
     configuration differs) move the old run aside to `<run_dir>.bak-N` and start fresh.
 
@@ -161,11 +164,17 @@ def open_run_dir(run_dir: Path, cfg: Config, *, force: bool, say=None) -> Opened
                 say(f"moved the previous run to {moved} (undo: rm -r {run_dir} && mv {moved} "
                     f"{run_dir})")
         truncate_metrics(run_dir, ckpt.step if ckpt is not None else 0)
-        cfg.save(run_dir / CONFIG_NAME)
+        cfg.save(run_dir / CONFIG_NAME, notes=runtime_notes(runtime) if runtime else None)
         return OpenedRun(lock=lock, checkpoint=ckpt, moved_to=moved)
     except BaseException:
         lock.release()
         raise
+
+
+def runtime_notes(runtime: dict[str, Any]) -> list[str]:
+    """Comment lines for config.resolved.toml: what the "auto" settings resolved to here."""
+    return ["What ran on this machine (the settings above resolved; comments, not settings):",
+            *(f"  {key}: {value}" for key, value in runtime.items())]
 
 
 def teacher_reference(spec: str) -> str:
@@ -191,7 +200,8 @@ def checkpoint_doc(cfg: Config, teacher, student, settings) -> dict[str, Any]:
     }
 
 
-def announce(obs, cfg: Config, info, teacher, student, count_parameters) -> None:
+def announce(obs, cfg: Config, info, teacher, student, count_parameters,
+             runtime: dict[str, Any] | None = None) -> None:
     """Tell the user what is about to run (stderr; nothing in --json mode)."""
     d = cfg.distill
     obs.message(
@@ -210,6 +220,9 @@ def announce(obs, cfg: Config, info, teacher, student, count_parameters) -> None
         f"mode {d.mode}, effective batch {d.batch_size * info.world_size} "
         f"({info.world_size} process(es) x {d.batch_size}), lr {d.lr:g}, {d.iterations} iterations"
     )
+    if runtime:
+        obs.message(f"teacher {runtime['network']}, student {runtime['student']}, "
+                    f"compile {'on' if runtime['compile'] else 'off'}")
 
 
 def warn_if_not_exact(cfg: Config, restored: bool) -> None:

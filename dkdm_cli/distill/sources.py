@@ -159,16 +159,18 @@ class Built:
 
 
 def build_source(d: DistillConfig, *, teacher, device: torch.device, seed: int, ckpt,
-                 distributed: bool, obs) -> Built:
+                 distributed: bool, obs, loop_teacher=None) -> Built:
     """The batch source of `d.mode`: restored from `ckpt` where it holds it, else started up
-    (progress through `obs.phase` / `obs.advance`)."""
+    (progress through `obs.phase` / `obs.advance`). `loop_teacher`: the same teacher for the
+    loop's forwards (e.g. compiled), when it differs from the start-up's."""
     mode = Mode(d.mode)
     resumed_step = ckpt.step if ckpt is not None else 0
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + resumed_step)
     startup_forwards = int(ckpt.doc.get("startup_teacher_forwards", 0)) if ckpt is not None else 0
     if mode.uses_pool:
         return _pool_source(d, mode, teacher=teacher, device=device, gen=gen, ckpt=ckpt,
-                            distributed=distributed, obs=obs, startup_forwards=startup_forwards)
+                            distributed=distributed, obs=obs, startup_forwards=startup_forwards,
+                            loop_teacher=loop_teacher or teacher)
     x0, restored, startup = None, False, None
     if mode is Mode.SYNTHETIC and ckpt is not None and "synthetic/x" in ckpt.tensors:
         x0, restored = ckpt.tensors["synthetic/x"].to(device), True
@@ -214,7 +216,7 @@ def teacher_function(d: DistillConfig, teacher) -> tuple[TeacherFn, int]:
 
 
 def _pool_source(d: DistillConfig, mode: Mode, *, teacher, device, gen, ckpt, distributed, obs,
-                 startup_forwards: int) -> Built:
+                 startup_forwards: int, loop_teacher) -> Built:
     from dkdm_cli.distill.pool import init_pool
     from dkdm_cli.distill.state import pool_from_checkpoint
 
@@ -223,7 +225,8 @@ def _pool_source(d: DistillConfig, mode: Mode, *, teacher, device, gen, ckpt, di
     size = pool_size(mode=mode, rho=d.rho, num_timesteps=T, batch_size=d.batch_size)
     teacher_fn, per_state = teacher_function(d, teacher)
     labels = label_plan(d, teacher)
-    kw = dict(teacher_fn=teacher_fn, diffusion=teacher.diffusion, batch_size=d.batch_size,
+    kw = dict(teacher_fn=teacher_function(d, loop_teacher)[0], diffusion=teacher.diffusion,
+              batch_size=d.batch_size,
               clip_denoised=clip, lam=d.vlb_lambda, forwards_per_state=per_state)
     if ckpt is not None and not distributed:
         pool = pool_from_checkpoint(ckpt, num_timesteps=T, size=size, device=device, generator=gen,

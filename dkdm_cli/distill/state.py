@@ -27,6 +27,7 @@ class TrainState:
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, doc fields) for a checkpoint (the batch source adds its own tensors)."""
+        self.ema.copy_buffers(self.student)
         tensors = {f"student/{k}": v for k, v in self.student.state_dict().items()}
         tensors.update({f"ema/{k}": v for k, v in self.ema.shadow.state_dict().items()})
         opt_tensors, groups = optimizer_tensors(self.opt)

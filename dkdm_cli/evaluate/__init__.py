@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from dkdm_cli import __version__
 from dkdm_cli._device import resolve_device
@@ -50,6 +51,7 @@ from dkdm_cli.evaluate.inputs import (
     teacher_identity,
 )
 from dkdm_cli.evaluate.metrics import Bound, MetricSettings, parse_bound
+from dkdm_cli.precision import sampling_policy
 
 # Teacher references use seed + this offset: independent of the students' noise (seed) and of
 # their per-step noise (seed + 1), so the score is an ordinary two-sample FID.
@@ -127,6 +129,7 @@ def _generate(model, *, cfg: EvalConfig, seed: int, num: int, device, progress: 
     from dkdm_cli.config import class_list
     from dkdm_cli.sample import generate, sample_labels
 
+    model.to(device, dtype=sampling_policy(cfg.precision, device, what="eval.precision").network)
     labels = sample_labels(model, num, seed=seed, classes=class_list(cfg.classes))
     images = generate(model, num=num, steps=cfg.steps, sampler=cfg.sampler, eta=0.0, seed=seed,
                       batch_size=cfg.batch_size, device=device, on_batch=progress(label, num),
@@ -231,6 +234,9 @@ def _teacher_reference(model, teacher: str | None, *, num: int, cfg: EvalConfig,
     key = {"teacher": spec, "identity": teacher_identity(spec), "sampler": cfg.sampler,
            "steps": cfg.steps, "num": num, "seed": seed, "eta": 0.0,
            "batch_size": cfg.batch_size, "device": device.type}
+    network = sampling_policy(cfg.precision, device, what="eval.precision").network
+    if network is not torch.float32:  # float32 references keep the keys they had
+        key["precision"] = str(network)
     if cfg.classes or cfg.cfg_scale != 1.0:  # keys of unconditional references stay as they were
         key.update(classes=list(cfg.classes), cfg_scale=cfg.cfg_scale)
         desc.update(classes=list(cfg.classes) or "all", cfg_scale=cfg.cfg_scale)

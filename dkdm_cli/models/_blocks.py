@@ -34,12 +34,45 @@ def label_table(num_classes: int, dim: int, *, null: bool) -> nn.Embedding | Non
     return nn.Embedding(num_classes + int(null), dim) if num_classes else None
 
 
+def _in_input_dtype(op, x: torch.Tensor) -> torch.Tensor:
+    """op() with autocast off where it is on: autocast would run a norm on a float32 copy."""
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        with torch.autocast(kind, enabled=False):
+            return op()
+    return op()
+
+
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 (ADM's choice: half-precision statistics are unstable)."""
+    """GroupNorm with float32 parameters, normalising in the activation dtype.
+
+    ADM normalised a float32 copy because half-precision statistics are unstable; today's
+    kernels (CPU and CUDA) accumulate the statistics of bf16/fp16 inputs in float32, so the
+    result matches that copy to the input's rounding (tests/test_precision.py) without the two
+    full-size dtype copies per call. The parameters stay float32 when a network is cast
+    (`keep_float32`, dkdm_cli/precision.py) and are cast (C values) to the input's dtype here.
+    """
+
+    keep_float32 = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise (B, C, ...) in float32, return in x's dtype."""
-        return super().forward(x.float()).to(x.dtype)
+        """Normalise (B, C, ...) in x's dtype (float32 accumulation inside the kernel)."""
+        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        return _in_input_dtype(lambda: F.group_norm(x, self.num_groups, weight, bias, self.eps), x)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm like GroupNorm32: float32 parameters (if any), computed in the activation
+    dtype, so a DiT's residual stream stays in the autocast dtype."""
+
+    keep_float32 = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise the last dimension of x in x's dtype."""
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return _in_input_dtype(
+            lambda: F.layer_norm(x, self.normalized_shape, weight, bias, self.eps), x)
 
 
 def norm_layer(channels: int, groups: int = 32) -> GroupNorm32:

@@ -9,7 +9,7 @@ from timm.layers import Attention, Mlp, PatchEmbed
 from torch import nn
 
 from dkdm_cli.errors import ShapeMismatchError
-from dkdm_cli.models._blocks import label_table, timestep_embedding
+from dkdm_cli.models._blocks import LayerNorm32, label_table, timestep_embedding
 from dkdm_cli.models.registry import MODELS
 
 
@@ -38,9 +38,9 @@ class DiTBlock(nn.Module):
 
     def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm1 = LayerNorm32(hidden, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden, num_heads=heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm32(hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden, int(hidden * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
@@ -85,7 +85,7 @@ class DiT(nn.Module):
             persistent=False,
         )
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
-        self.final_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.final_norm = LayerNorm32(hidden_size, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.final_linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self._init_weights()
@@ -127,7 +127,8 @@ class DiT(nn.Module):
                 f"this DiT was built for {self.in_channels}x{self.image_size}x{self.image_size} "
                 f"inputs, got {tuple(x.shape[-3:])}"
             )
-        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, N, D)
+        h = self.x_embedder(x)  # (B, N, D), in the autocast dtype under autocast
+        h = h + self.pos_embed.to(h.dtype)  # the residual stream keeps that dtype
         c = self.t_embedder(timestep_embedding(t, self.freq_dim).to(x.dtype))  # (B, D)
         if (y is None) != (self.y_embedder is None):
             raise ShapeMismatchError("class labels are required by a class-conditional DiT and "

@@ -5,6 +5,7 @@ name the public API has always used."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ from dkdm_cli.diffusion.guidance import guided
 from dkdm_cli.diffusion.settings import DiffusionSettings
 from dkdm_cli.errors import UserError
 from dkdm_cli.models import count_parameters
+from dkdm_cli.precision import activation_dtype, cast_network
 from dkdm_cli.recommended import recommended_for
 
 
@@ -60,6 +62,8 @@ class Denoiser:
     def __post_init__(self) -> None:
         self.model.eval().requires_grad_(False)
         self.diffusion: GaussianDiffusion = self.settings.build()
+        self._net: Callable[..., torch.Tensor] | None = None  # a compiled forward (`compiled`)
+        self._dtype = activation_dtype(self.model)  # read once: not per forward
         if self.num_classes is None:
             self.num_classes = int(getattr(self.model, "num_classes", 0) or 0)
             self.null_class = getattr(self.model, "null_class", None)
@@ -88,8 +92,9 @@ class Denoiser:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The denoiser's parameter dtype (half on CUDA during distillation)."""
-        return next(self.model.parameters()).dtype
+        """The dtype the network computes in (its inputs are cast to it): float32 unless the
+        denoiser was cast by `to(..., dtype=...)` (an execution policy, dkdm_cli/precision.py)."""
+        return activation_dtype(self.model)
 
     @property
     def conditional(self) -> bool:
@@ -130,12 +135,20 @@ class Denoiser:
         A conditional denoiser given no labels runs its null (unconditional) class."""
         scaled = model_t.float() * self.settings.timestep_scale if self.settings.timestep_scale != 1 \
             else model_t
+        net = self.model if self._net is None else self._net
         if not self.conditional:
             if y is not None:
                 raise UserError(f"{self.name} is unconditional: it takes no class labels")
-            return self.model(x.to(self.dtype), scaled).float()
+            return net(x.to(self._dtype), scaled).float()
         y = self.labels_or_null(y, x.shape[0], x.device)
-        return self.model(x.to(self.dtype), scaled, y).float()
+        return net(x.to(self._dtype), scaled, y).float()
+
+    def compiled(self, **options: Any) -> Denoiser:
+        """The same denoiser whose network calls go through torch.compile (weights, settings
+        and autoencoder shared; `self` stays eager, e.g. for a start-up of changing shapes)."""
+        twin = copy.copy(self)
+        twin._net = torch.compile(self.model, **options)
+        return twin
 
     def denoise_fn(self, y: torch.Tensor | None = None, *, cfg: float = 1.0):
         """(x, model_t) -> output for the samplers: labels y (B,) bound, classifier-free guidance
@@ -188,13 +201,22 @@ class Denoiser:
         if self.autoencoder is None:
             return x
         with torch.no_grad():
-            return self.autoencoder.decode(x)
+            dtype = activation_dtype(self.autoencoder) if isinstance(self.autoencoder, nn.Module) \
+                else x.dtype
+            return self.autoencoder.decode(x.to(dtype)).float()
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Denoiser:
-        """Move (and optionally cast) the denoiser and autoencoder in place; returns self."""
-        self.model.to(device=device, dtype=dtype)
+        """Move the denoiser and autoencoder in place, and with `dtype` cast both for inference
+        (norm layers of dkdm's models keep float32 parameters: `precision.cast_network`);
+        returns self."""
+        self.model.to(device=device)
+        if dtype is not None:
+            cast_network(self.model, dtype)
         if isinstance(self.autoencoder, nn.Module):
             self.autoencoder.to(device)
+            if dtype is not None:
+                cast_network(self.autoencoder, dtype)
+        self._dtype = activation_dtype(self.model)
         return self
 
 
