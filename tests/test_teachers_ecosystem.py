@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 
 import pytest
@@ -336,3 +337,22 @@ def test_distill_runs_from_each_kind_of_source(kind, tmp_path, hf_offline_cache,
     assert (student.autoencoder is not None) == (kind == "latent")
     out = student.model_output(_x((2, 3, 8, 8)), torch.tensor([0, 99]))
     assert out.shape[:1] == (2,) and torch.isfinite(out).all()
+
+
+# -- issue 20: damaged teacher files are one line, and nothing is written --------------------------
+
+def _refused_in_one_line(argv, capsys) -> str:
+    code = run(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_config_json_that_is_not_utf8_is_one_line(tmp_path, tiny_diffusers_teacher_dir, capsys):
+    folder = tmp_path / "teacher"
+    shutil.copytree(tiny_diffusers_teacher_dir, folder)
+    (folder / "unet" / "config.json").write_bytes(b'{"sample_size": 8, "name": "\xff\xfe"}')
+    err = _refused_in_one_line(["distill", "--teacher", str(folder), "--run-dir",
+                                str(tmp_path / "run"), "--quiet"], capsys)
+    assert "config.json" in err and "UTF-8" in err
+    assert not (tmp_path / "run").exists()
