@@ -367,6 +367,22 @@ def test_metrics_hold_each_step_once_after_a_resume(trained, tiny_teacher_file):
     assert steps == sorted(set(steps)) and steps[-1] == 8
 
 
+def test_damaged_metrics_lines_are_dropped_with_a_warning_and_the_run_resumes(trained,
+                                                                            tiny_teacher_file, capsys):
+    list_checkpoints(trained)[-1].unlink()  # resume from step 3
+    path = trained / "metrics.jsonl"
+    good = [json.loads(ln) for ln in path.read_text().splitlines()]
+    with open(path, "a") as fh:
+        fh.write('{"step": "abc"}\n{"step": null}\n[1, 2]\n\xff\n{"step": 7, "lo')
+    assert run(tiny_distill_args(tiny_teacher_file, trained, iterations=8)) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "metrics.jsonl" in err and "unreadable" in err, err
+    records = [json.loads(ln) for ln in path.read_text().splitlines()]  # every line readable
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)) and steps[-1] == 8
+    assert records[:len([r for r in good if r["step"] <= 3])] == [r for r in good if r["step"] <= 3]
+
+
 def test_quiet_prints_nothing(tiny_teacher_file, tmp_path, capsys):
     assert run(tiny_distill_args(tiny_teacher_file, tmp_path / "run", iterations=3)) == 0
     captured = capsys.readouterr()
