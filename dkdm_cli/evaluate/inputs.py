@@ -122,22 +122,50 @@ def array_images(images: np.ndarray, *, source: str, info: dict[str, Any] | None
                     _array=images)
 
 
-def folder_images(path: Path) -> ImageSet:
-    """The PNG/JPEG files directly inside `path` (sorted by name), all of one size."""
-    from PIL import Image
+# What PIL raises for a file that is not an image or is damaged (verify() raises SyntaxError for
+# a bad PNG chunk; a decompression bomb is a ValueError subclass in some versions).
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
 
-    path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+def folder_images(path: Path, *, verify: bool = False) -> ImageSet:
+    """The PNG/JPEG files directly inside `path` (sorted by name), all of one size.
+
+    `verify`: check every file now (header, size, and PIL's verify() of its chunks, without
+    decoding the pixels), so a damaged image among thousands is refused before any work;
+    otherwise only the first is opened and the rest are checked as they are read."""
+    try:
+        files = sorted(p for p in Path(path).iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot list the folder ({exc.strerror or exc})") from exc
     if len(files) < 2:
         raise UserError(f"{path}: expected at least 2 images ({', '.join(IMAGE_SUFFIXES)}) "
                         f"directly inside, found {len(files)}")
-    try:
-        with Image.open(files[0]) as first:
-            shape = (first.height, first.width, 3)
-    except OSError as exc:
-        raise UserError(f"{files[0]}: not a readable image ({exc})") from exc
+    shape = _image_shape(files[0], verify=verify)
+    for file in files[1:] if verify else ():
+        _check_size(file, _image_shape(file, verify=True), shape)
     info = {"lossy": True} if any(p.suffix.lower() in LOSSY_SUFFIXES for p in files) else {}
     return ImageSet("folder", str(path), len(files), shape, info, _files=files)
+
+
+def _image_shape(path: Path, *, verify: bool = False) -> tuple[int, int, int]:
+    """(H, W, 3) from an image file's header (and its chunks checked with `verify`)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            shape = (img.height, img.width, 3)
+            if verify:
+                img.verify()
+    except _IMAGE_ERRORS as exc:
+        raise UserError(f"{path}: not a readable image ({exc})") from exc
+    return shape
+
+
+def _check_size(path: Path, got: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    if got != shape:
+        raise UserError(f"{path}: {got[1]}x{got[0]} differs from the first image's "
+                        f"{shape[1]}x{shape[0]}; resize the folder to one size first")
 
 
 def _read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
@@ -146,11 +174,9 @@ def _read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     try:
         with Image.open(path) as img:
             arr = np.asarray(img.convert("RGB"))  # (H, W, 3) uint8
-    except OSError as exc:
+    except _IMAGE_ERRORS as exc:
         raise UserError(f"{path}: not a readable image ({exc})") from exc
-    if arr.shape != shape:
-        raise UserError(f"{path}: {arr.shape[1]}x{arr.shape[0]} differs from the first image's "
-                        f"{shape[1]}x{shape[0]}; resize the folder to one size first")
+    _check_size(path, arr.shape, shape)
     return arr
 
 
