@@ -233,6 +233,51 @@ def test_a_read_only_file_system_is_one_line(tiny_teacher_file, tmp_path, capsys
         assert code == 2 and _one_line(err) and "read-only" in err, err
 
 
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody may create files in: a read-only tmpfs (root), else mode 0555."""
+    folder = tmp_path / "ro"
+    if os.geteuid() != 0:
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    with _tmpfs(folder, "ro,size=64k") as disk:
+        yield disk
+
+
+@POSIX
+@pytest.mark.parametrize("argv,target", [
+    (["sample", "--model", "{rd}", "--num", "2", "--steps", "2", "--npz", "{ro}/x.npz"], "x.npz"),
+    (["sample", "--model", "{rd}", "--num", "2", "--steps", "2", "--out", "{ro}/pngs"], "pngs"),
+    (["sample", "--model", "{rd}", "--num", "2", "--steps", "2", "--out", "{ro}"], ""),
+    (["export", "--run-dir", "{rd}", "--out", "{ro}/x.safetensors"], "x.safetensors"),
+])
+def test_unwritable_outputs_are_refused_before_any_work_naming_the_path(trained, read_only_dir,
+                                                                        monkeypatch, capsys, argv,
+                                                                        target):
+    def no_work(*args, **kwargs):
+        raise AssertionError("sampled or exported before checking the output path")
+
+    monkeypatch.setattr("dkdm_cli.commands.sample.generate", no_work)
+    monkeypatch.setattr("dkdm_cli.export.student_from_checkpoint", no_work)
+    code = run([a.format(rd=trained, ro=read_only_dir) for a in argv])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and _one_line(err), err
+    assert str(read_only_dir / target).rstrip("/") in err and ".tmp" not in err, err
+    assert ("read-only" if os.geteuid() == 0 else "permission denied") in err
+
+
+@POSIX
+def test_a_failed_temp_file_names_the_target_not_the_temp_file(read_only_dir):
+    from dkdm_cli import _fs
+
+    with pytest.raises(OSError) as info:
+        _fs.write_bytes(read_only_dir / "x.npz", b"data")
+    assert info.value.filename == str(read_only_dir / "x.npz")
+
+
 def test_paths_under_a_file_are_one_line(tiny_teacher_file, trained, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
