@@ -32,6 +32,10 @@ DEFAULT_CONFIG_NAME = "dkdm.toml"
 MAX_ITERATIONS = 10**9
 MAX_BATCH = 1 << 20
 MAX_IMAGES = 10**7
+# Classifier-free guidance: useful scales are ~1-10 (DiT samples at 1.5-4); far above that every
+# sample saturates to black and white, so a larger --cfg is a typo, not a setting.
+MAX_GUIDANCE = 50.0
+GUIDANCE_HINT = "useful guidance scales are about 1 to 10; larger ones saturate every image"
 
 
 class Choice(str, Enum):
@@ -90,12 +94,15 @@ class Precision(Choice):
 
 
 def opt(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
-        choices: tuple | None = None, gt: float | None = None, auto: bool = False) -> Any:
+        choices: tuple | None = None, gt: float | None = None, auto: bool = False,
+        hint: str = "") -> Any:
     """A config field with its documentation and validation rules (`auto`: the string "auto" is
-    also accepted). An Enum default brings its own choices."""
+    also accepted; `hint`: what a value out of range should be). An Enum default brings its own
+    choices."""
     if isinstance(default, Choice):
         choices = tuple(type(default))
-    meta = {"doc": doc, "min": min, "max": max, "choices": choices, "gt": gt, "auto": auto}
+    meta = {"doc": doc, "min": min, "max": max, "choices": choices, "gt": gt, "auto": auto,
+            "hint": hint}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=meta)
     if isinstance(default, list):
@@ -186,7 +193,8 @@ class SampleConfig:
     classes: list = opt([], "class-conditional models: the classes to sample, in turn "
                         "([]: uniform over all)", min=0)
     cfg_scale: float = opt(1.0, "class-conditional models with a null class: classifier-free "
-                           "guidance scale (1: none)", min=0)
+                           "guidance scale (1: none; at most 50)", min=0, max=MAX_GUIDANCE,
+                           hint=GUIDANCE_HINT)
 
 
 @dataclass(frozen=True)
@@ -204,7 +212,8 @@ class EvalConfig:
     classes: list = opt([], "class-conditional models: score only these classes (the samples "
                         "and the teacher reference), in turn ([]: uniform over all)", min=0)
     cfg_scale: float = opt(1.0, "class-conditional models with a null class: classifier-free "
-                           "guidance scale for the samples and the teacher reference", min=0)
+                           "guidance scale for the samples and the teacher reference (at most "
+                           "50)", min=0, max=MAX_GUIDANCE, hint=GUIDANCE_HINT)
 
 
 @dataclass(frozen=True)
@@ -283,7 +292,8 @@ def _check_value(where: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
     if meta.get("min") is not None and value < meta["min"]:
         raise ConfigError(f"{where}: expected a value >= {meta['min']}, got {value!r}")
     if meta.get("max") is not None and value > meta["max"]:
-        raise ConfigError(f"{where}: expected a value <= {meta['max']}, got {value!r}")
+        hint = f"; {meta['hint']}" if meta.get("hint") else ""
+        raise ConfigError(f"{where}: expected a value <= {meta['max']}, got {value!r}{hint}")
     if meta.get("gt") is not None and value <= meta["gt"]:
         raise ConfigError(f"{where}: expected a value > {meta['gt']}, got {value!r}")
     return value
