@@ -208,6 +208,8 @@ class EvalConfig:
     batch_size: int = opt(64, "images per forward", min=1)
     reference: str = opt("teacher", "teacher | a folder of images | a statistics .npz")
     inception_weights: str = opt("", "Inception weights file for offline use")
+    allow_unknown_inception: bool = opt(False, "accept Inception weights whose sha256 is not "
+                                        "torch-fidelity's (their scores compare with no others)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     classes: list = opt([], "class-conditional models: score only these classes (the samples "
                         "and the teacher reference), in turn ([]: uniform over all)", min=0)

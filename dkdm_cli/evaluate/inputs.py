@@ -48,14 +48,17 @@ def to_rgb(batch: np.ndarray) -> np.ndarray:
     return np.repeat(batch, 3, axis=-1) if batch.shape[-1] == 1 else batch
 
 
+def _layout_hint(shape: tuple[int, ...]) -> str:
+    return " (channels first? expected N, H, W, C)" if len(shape) == 4 and shape[1] in (1, 3) else ""
+
+
 def check_images(images: np.ndarray, where: str) -> None:
     """Refuse anything but (N, H, W, 1 or 3) uint8, with the likely fix."""
     if images.dtype != np.uint8:
         raise UserError(f"{where}: images must be uint8 (0..255), got {images.dtype}")
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        hint = " (channels first? expected N, H, W, C)" if images.ndim == 4 and \
-            images.shape[1] in (1, 3) else ""
-        raise UserError(f"{where}: expected images (N, H, W, 1 or 3), got {images.shape}{hint}")
+        raise UserError(f"{where}: expected images (N, H, W, 1 or 3), got {images.shape}"
+                        f"{_layout_hint(images.shape)}")
     if len(images) < 2:
         raise UserError(f"{where}: at least 2 images are needed, got {len(images)}")
 
@@ -203,7 +206,7 @@ class _NpzMember:
             raise UserError(f"{self.path}: cannot read {self.name} ({exc})") from exc
         problem = ("is stored in Fortran order; re-save it with np.ascontiguousarray" if fortran
                    else f"must be uint8 (0..255), got {dtype}" if dtype != np.uint8
-                   else f"must be images (N, H, W, 1 or 3), got {tuple(shape)}"
+                   else f"must be images (N, H, W, 1 or 3), got {tuple(shape)}{_layout_hint(shape)}"
                    if len(shape) != 4 or shape[-1] not in (1, 3) else "")
         if problem:
             self.__exit__()
