@@ -358,6 +358,39 @@ def test_a_stop_signal_saves_at_the_next_iteration_and_exits_143(tiny_teacher_fi
 
 
 @POSIX
+@pytest.mark.parametrize("extra", [
+    ["--set", "distill.init=\"exact\""],
+    ["--set", "distill.init=\"fast\"", "--set", "distill.init_steps=8"],
+    ["--mode", "synthetic", "--set", "distill.synthetic_samples=4", "--set",
+     "distill.synthetic_steps=10"],
+])
+def test_a_stop_signal_during_the_startup_exits_143_at_the_next_teacher_step(tiny_teacher_file,
+                                                                            tmp_path, monkeypatch,
+                                                                            capsys, extra):
+    from dkdm_cli.distill.observe import Observer
+
+    ticks = []
+    original = Observer.advance
+
+    def advance(self, n=1, status=None):
+        ticks.append(n)
+        if len(ticks) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as Kubernetes would, mid start-up
+        return original(self, n, status=status)
+
+    monkeypatch.setattr(Observer, "advance", advance)
+    rd = tmp_path / "run"
+    args = tiny_distill_args(tiny_teacher_file, rd, iterations=3, extra=extra)
+    assert run([a for a in args if a != "--quiet"]) == 143
+    assert len(ticks) == 2  # not one teacher step more (the start-up has 8 or more)
+    assert not list_checkpoints(rd) and not (rd / "startup.json").exists()
+    assert "during the start-up" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert run(args) == 0  # the start-up is built again and the run goes on
+    assert read_checkpoint(list_checkpoints(rd)[-1]).step == 3
+
+
+@POSIX
 def test_a_second_signal_aborts_at_once():
     from dkdm_cli.distill.signals import StopFlag
     from dkdm_cli.errors import Interrupted
