@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from dkdm_cli.errors import UserError
+from dkdm_cli.errors import UserError, from_os_error
 
 TEMP_SUFFIX = ".tmp"
 # `.<target name>.<mkstemp's 8 random chars>.tmp`
@@ -36,19 +36,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
     (mode as for a new file under the umask), on any failure removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp: Path | None = None
     try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual mode
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
-            exc.filename = str(path)  # name the file the user knows, not our temp file
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        # Name the file the user knows, not our temp file (mkstemp's failure names its own).
+        if isinstance(exc, OSError) and (tmp is None or exc.filename in (None, str(tmp))):
+            exc.filename = str(path)
         raise
 
 
@@ -88,18 +91,33 @@ def remove_stale_temps(folder: Path) -> list[Path]:
 
 def check_target(path: Path, *, flag: str, folder: bool) -> None:
     """Refuse, before any work, an output path that cannot be written as asked: a folder that
-    exists as a file, a file name that is a folder, or a parent that is a file."""
+    exists as a file, a file name that is a folder, a parent that is a file, or a folder (the
+    nearest one that exists) the process may not create files in, e.g. on a read-only mount."""
     p = Path(path).expanduser()
     if p.exists():
         if folder and not p.is_dir():
             raise UserError(f"{flag} {path}: exists and is a file, not a folder")
         if not folder and p.is_dir():
             raise UserError(f"{flag} {path}: is a folder; give a file name")
-    for parent in p.absolute().parents:
+    base = p.absolute() if folder and p.is_dir() else None
+    for parent in p.absolute().parents if base is None else ():
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+            base = parent
             break
+    if base is not None and not os.access(base, os.W_OK | os.X_OK):
+        code = errno.EROFS if _read_only_mount(base) else errno.EACCES
+        raise from_os_error(OSError(code, os.strerror(code), str(path)), doing=flag)
+
+
+def _read_only_mount(folder: Path) -> bool:
+    if not hasattr(os, "statvfs"):  # Windows: no mount flags to read
+        return False
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def safetensors_os_error(exc: Exception, path: Path) -> OSError:

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from dkdm_cli import __version__, _console
+from dkdm_cli import __version__, _console, _offline
 from dkdm_cli.commands.catalog import students, teachers
 from dkdm_cli.commands.distill import distill
 from dkdm_cli.commands.evaluate import evaluate
@@ -42,6 +42,7 @@ def _root(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
 ) -> None:
     """Distill a pretrained diffusion model into any architecture, without its data (DKDM)."""
+    _offline.dkdm_switch()  # DKDM_OFFLINE=maybe is refused before any command runs
 
 
 app.command("init")(init)

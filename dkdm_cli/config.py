@@ -32,6 +32,10 @@ DEFAULT_CONFIG_NAME = "dkdm.toml"
 MAX_ITERATIONS = 10**9
 MAX_BATCH = 1 << 20
 MAX_IMAGES = 10**7
+# Classifier-free guidance: useful scales are ~1-10 (DiT samples at 1.5-4); far above that every
+# sample saturates to black and white, so a larger --cfg is a typo, not a setting.
+MAX_GUIDANCE = 50.0
+GUIDANCE_HINT = "useful guidance scales are about 1 to 10; larger ones saturate every image"
 
 
 class Choice(str, Enum):
@@ -113,12 +117,15 @@ class Compile(Choice):
 
 
 def opt(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
-        choices: tuple | None = None, gt: float | None = None, auto: bool = False) -> Any:
+        choices: tuple | None = None, gt: float | None = None, auto: bool = False,
+        hint: str = "") -> Any:
     """A config field with its documentation and validation rules (`auto`: the string "auto" is
-    also accepted). An Enum default brings its own choices."""
+    also accepted; `hint`: what a value out of range should be). An Enum default brings its own
+    choices."""
     if isinstance(default, Choice):
         choices = tuple(type(default))
-    meta = {"doc": doc, "min": min, "max": max, "choices": choices, "gt": gt, "auto": auto}
+    meta = {"doc": doc, "min": min, "max": max, "choices": choices, "gt": gt, "auto": auto,
+            "hint": hint}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=meta)
     if isinstance(default, list):
@@ -195,7 +202,8 @@ class DistillConfig:
                              "(and supports any --cfg at sampling)", min=0, max=1)
     guidance_scale: float = opt(1.0, "class-conditional teachers with a null class: learn the "
                                 "teacher's classifier-free-guided prediction at this scale "
-                                "(1: none; costs 2 teacher forwards per state)", min=0)
+                                "(1: none; costs 2 teacher forwards per state)", min=0,
+                                max=MAX_GUIDANCE, hint=GUIDANCE_HINT)
 
 
 @dataclass(frozen=True)
@@ -214,7 +222,8 @@ class SampleConfig:
     classes: list = opt([], "class-conditional models: the classes to sample, in turn "
                         "([]: uniform over all)", min=0)
     cfg_scale: float = opt(1.0, "class-conditional models with a null class: classifier-free "
-                           "guidance scale (1: none)", min=0)
+                           "guidance scale (1: none; at most 50)", min=0, max=MAX_GUIDANCE,
+                           hint=GUIDANCE_HINT)
 
 
 @dataclass(frozen=True)
@@ -228,13 +237,16 @@ class EvalConfig:
     batch_size: int = opt(64, "images per forward", min=1)
     reference: str = opt("teacher", "teacher | a folder of images | a statistics .npz")
     inception_weights: str = opt("", "Inception weights file for offline use")
+    allow_unknown_inception: bool = opt(False, "accept Inception weights whose sha256 is not "
+                                        "torch-fidelity's (their scores compare with no others)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     precision: NetworkPrecision = opt(NetworkPrecision.AUTO, "dtype of the sampled networks "
                                       f"(model and teacher reference): {NetworkPrecision.described()}")
     classes: list = opt([], "class-conditional models: score only these classes (the samples "
                         "and the teacher reference), in turn ([]: uniform over all)", min=0)
     cfg_scale: float = opt(1.0, "class-conditional models with a null class: classifier-free "
-                           "guidance scale for the samples and the teacher reference", min=0)
+                           "guidance scale for the samples and the teacher reference (at most "
+                           "50)", min=0, max=MAX_GUIDANCE, hint=GUIDANCE_HINT)
 
 
 @dataclass(frozen=True)
@@ -317,7 +329,8 @@ def _check_value(where: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
     if meta.get("min") is not None and value < meta["min"]:
         raise ConfigError(f"{where}: expected a value >= {meta['min']}, got {value!r}")
     if meta.get("max") is not None and value > meta["max"]:
-        raise ConfigError(f"{where}: expected a value <= {meta['max']}, got {value!r}")
+        hint = f"; {meta['hint']}" if meta.get("hint") else ""
+        raise ConfigError(f"{where}: expected a value <= {meta['max']}, got {value!r}{hint}")
     if meta.get("gt") is not None and value <= meta["gt"]:
         raise ConfigError(f"{where}: expected a value > {meta['gt']}, got {value!r}")
     return value

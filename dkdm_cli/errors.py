@@ -54,6 +54,11 @@ class TrainingError(DkdmError):
     """The run failed (e.g. a non-finite loss). Exit code 1; the last good checkpoint is kept."""
 
 
+class SamplingError(DkdmError):
+    """A model's samples came out non-finite (broken weights, or settings it cannot take).
+    Exit code 1, like a non-finite loss; nothing is written."""
+
+
 class ExportCheckError(DkdmError):
     """An exported model does not reproduce PyTorch's outputs. Exit code 1."""
 

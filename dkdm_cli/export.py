@@ -90,7 +90,8 @@ def latest_metrics(run_dir: Path) -> dict[str, Any] | None:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return None
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()
+             if ln.strip()]
     for line in reversed(lines):
         try:
             record = json.loads(line)

@@ -11,7 +11,7 @@ import torch
 
 from dkdm_cli import _fs
 from dkdm_cli.diffusion.samplers import Sampler, sample
-from dkdm_cli.errors import UserError
+from dkdm_cli.errors import SamplingError, UserError
 from dkdm_cli.teachers.base import Teacher
 
 
@@ -84,7 +84,14 @@ def generate(
         x0 = sample(teacher.denoise_fn(y, cfg=cfg), teacher.diffusion, noise=x_T, steps=steps,
                     sampler=Sampler(sampler), eta=eta, clip_denoised=teacher.settings.clip_denoised,
                     generator=step_gen)
-        out.append(to_uint8(teacher.decode(x0)))
+        images = teacher.decode(x0)  # (b, C, H, W) in [-1, 1]
+        # One check per batch (to_uint8 syncs here anyway): NaN would become black pixels silently.
+        if not bool(torch.isfinite(images).all()):
+            raise SamplingError(
+                f"{teacher.name}: samples {start}..{start + len(x_T) - 1} came out non-finite (NaN "
+                f"or inf); its weights, or these settings (--cfg {cfg:g}, --steps {steps}), give no "
+                "usable images. Nothing was written")
+        out.append(to_uint8(images))
         if on_batch is not None:
             on_batch(len(x_T))
     return np.concatenate(out)

@@ -17,12 +17,30 @@ import torch
 
 from dkdm_cli.errors import ModelFileError
 
+# The first line of every Git LFS pointer file (https://github.com/git-lfs/git-lfs/blob/main/docs/spec.md).
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+
+
+def refuse_lfs_pointer(path: Path, *, what: str = "weights file") -> None:
+    """A repository cloned without Git LFS holds ~130-byte pointer files where the weights should
+    be; every reader would call them corrupt. Say what they are and how to get the real files."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(LFS_POINTER))
+    except OSError:
+        return  # the reader itself reports an unreadable file
+    if head == LFS_POINTER:
+        raise ModelFileError(f"{path}: a Git LFS pointer, not the {what} itself (the repository was "
+                             "checked out without Git LFS); run `git lfs pull` in it, or download "
+                             "the files")
+
 
 def read_tensor_dict(path: Path, *, what: str = "weights file") -> dict[str, torch.Tensor]:
     """{name: tensor} from a PyTorch file (a `{"state_dict": {...}}` wrapper is unwrapped)."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
+    refuse_lfs_pointer(path, what=what)
     errors = (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, AttributeError,
               TypeError, ImportError)
     try:

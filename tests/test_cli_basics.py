@@ -147,3 +147,17 @@ def test_dkdm_debug_shows_the_exception(tmp_path, monkeypatch):
 def test_usage_error_exit_code_2(capsys):
     assert run(["init", "--no-such-flag"]) == 2
     assert "--no-such-flag" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,suggestion", [
+    (["distil"], "Did you mean 'distill'?"),
+    (["distill", "--iteratons", "3"], "--iterations"),
+    (["distill", "--batch-size", "2.5"], "integer"),
+    (["eval", "x.npz", "--fdi"], "--fid"),
+])
+def test_usage_errors_keep_clicks_three_lines_exit_2_and_suggest_the_spelling(argv, suggestion,
+                                                                             capsys):
+    assert run(argv) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines[0].startswith("Usage: dkdm") and lines[1].startswith("Try 'dkdm")
+    assert lines[2].startswith("Error:") and suggestion in lines[2] and len(lines) == 3, lines

@@ -46,8 +46,9 @@ def _images(n: int, seed: int, size: int = 16) -> np.ndarray:
 
 
 def _cfg(weights, reference: str, **kw) -> EvalConfig:
+    # The test weights are random (torch-fidelity's real ones are a 95 MB download).
     return EvalConfig(reference=reference, inception_weights=str(weights), device="cpu",
-                      batch_size=16, **kw)
+                      batch_size=16, allow_unknown_inception=True, **kw)
 
 
 # -- pure maths ---------------------------------------------------------------------------------
@@ -207,9 +208,9 @@ def test_weights_found_in_torch_hub_cache_and_env(inception_weights, tmp_path, m
     hub = inception.hub_weights_path()
     hub.parent.mkdir(parents=True)
     hub.symlink_to(inception_weights)
-    assert inception.resolve_weights(None).source == "hub-cache"
+    assert inception.resolve_weights(None, allow_unknown=True).source == "hub-cache"
     monkeypatch.setenv(inception.ENV_WEIGHTS, str(inception_weights))
-    assert inception.resolve_weights(None).source == "env"
+    assert inception.resolve_weights(None, allow_unknown=True).source == "env"
 
 
 def test_weights_are_never_unpickled(tmp_path):
@@ -245,7 +246,7 @@ def test_cli_missing_weights_offline_exits_2(tmp_path, monkeypatch, capsys):
 def test_cli_crossed_bound_exits_1_with_full_json(inception_weights, tmp_path, capsys):
     save_npz(_images(10, seed=4), tmp_path / "s.npz")
     argv = ["eval", str(tmp_path / "s.npz"), "--isc", "--inception-weights", str(inception_weights),
-            "--json"]
+            "--allow-unknown-inception", "--json"]
     assert run(argv + ["--fail-above", "isc=0.5"]) == 1
     captured = capsys.readouterr()
     record = json.loads(captured.out)
@@ -259,7 +260,8 @@ def test_cli_crossed_bound_exits_1_with_full_json(inception_weights, tmp_path, c
 def test_cli_folder_samples_need_a_teacher_for_the_default_reference(inception_weights, tmp_path,
                                                                       capsys):
     save_png_folder(_images(4, seed=0), tmp_path / "imgs")
-    code = run(["eval", str(tmp_path / "imgs"), "--fid", "--inception-weights", str(inception_weights)])
+    code = run(["eval", str(tmp_path / "imgs"), "--fid", "--inception-weights", str(inception_weights),
+                "--allow-unknown-inception"])
     assert code == 2 and "--teacher" in capsys.readouterr().err
 
 
@@ -268,3 +270,69 @@ def test_weights_of_another_network_are_refused(tmp_path):
     weights = inception.InceptionWeights(tmp_path / "other.pth", "0", "flag")
     with pytest.raises(UserError, match="not torch-fidelity Inception weights"):
         inception.build_extractor(weights, {"2048"})
+
+
+# -- issue 20: stored inputs checked first, known weights only, --cfg refused on stored images -----
+
+def test_unknown_inception_weights_are_refused_unless_allowed(inception_weights, tmp_path, capsys):
+    save_npz(_images(10, seed=4), tmp_path / "s.npz")
+    argv = ["eval", str(tmp_path / "s.npz"), "--isc", "--inception-weights", str(inception_weights),
+            "--json"]
+    assert run(argv) == 2  # random weights of the right shapes: IS = 1 with no warning before
+    err = " ".join(capsys.readouterr().err.split())
+    assert "not that of torch-fidelity's Inception weights" in err and "--allow-unknown-inception" in err
+    assert run(argv + ["--allow-unknown-inception"]) == 0
+    extractor = json.loads(capsys.readouterr().out)["feature_extractor"]
+    assert extractor["weights_known"] is False
+    assert extractor["weights_sha256"] == inception.file_sha256(inception_weights)
+
+
+def test_weights_with_torch_fidelitys_hash_are_known(inception_weights, monkeypatch):
+    real = inception.file_sha256(inception_weights)
+    monkeypatch.setattr(inception, "known_sha256_prefix", lambda: real[:8])
+    weights = inception.resolve_weights(str(inception_weights))
+    assert weights.known and weights.describe()["weights_known"] is True
+
+
+def test_the_known_prefix_is_the_one_in_torch_fidelitys_file_name():
+    assert inception.known_sha256_prefix() == "6726825d"
+    assert inception.weights_url().endswith(f"-{inception.known_sha256_prefix()}.pth")
+
+
+@pytest.mark.parametrize("where", ["samples", "reference"])
+@pytest.mark.parametrize("damage,needle", [
+    ("channels-first", "channels first"),
+    ("float", "must be uint8"),
+    ("mixed-sizes", "differs from the first image's"),
+    ("unreadable", "not a readable image"),
+])
+def test_malformed_inputs_are_reported_before_the_weights_are_fetched(where, damage, needle,
+                                                                       tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no weights anywhere, and offline
+    good = tmp_path / "good.npz"
+    save_npz(_images(4, seed=0), good)
+    if damage in ("channels-first", "float"):
+        bad = tmp_path / "bad.npz"
+        arr = _images(4, seed=1)
+        np.savez(bad, arr_0=arr.transpose(0, 3, 1, 2) if damage == "channels-first"
+                 else arr.astype(np.float32))
+    else:
+        bad = tmp_path / "bad"
+        save_png_folder(_images(4, seed=1), bad)
+        if damage == "mixed-sizes":
+            save_png_folder(_images(1, seed=2, size=8), bad, prefix="z")
+        else:
+            (bad / "000002.png").write_bytes(b"not a png")
+    samples, reference = (bad, good) if where == "samples" else (good, bad)
+    code = run(["eval", str(samples), "--fid", "--reference", str(reference)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and needle in err and "Inception weights are needed" not in err, err
+
+
+def test_cfg_is_refused_on_stored_images_like_class(inception_weights, tmp_path, capsys):
+    save_npz(_images(4, seed=0), tmp_path / "good.npz")
+    for flag, value in (("--cfg", "2"), ("--class", "3")):
+        code = run(["eval", str(tmp_path / "good.npz"), "--isc", flag, value, "--inception-weights",
+                    str(inception_weights), "--allow-unknown-inception"])
+        err = capsys.readouterr().err
+        assert code == 2 and flag in err and "stored images" in err, err

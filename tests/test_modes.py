@@ -131,3 +131,28 @@ def test_data_mode_refuses_bad_data_before_the_run_starts(tiny_teacher_file, tmp
     err = capsys.readouterr().err
     assert code == 2 and expected in err, err
     assert not list_checkpoints(rd)
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("garbage", "not a readable image"),
+    ("truncated", "not a readable image"),
+    ("other-size", "differs from the first image's"),
+])
+def test_data_mode_checks_every_image_before_the_run_directory(tiny_teacher_file, tmp_path,
+                                                               digits_folder, damage, expected,
+                                                               capsys):
+    from PIL import Image
+
+    bad = digits_folder / "007.png"  # one image among twelve, not the first
+    if damage == "garbage":
+        bad.write_bytes(b"not a png at all")
+    elif damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:-30])  # valid header, chunks cut short
+    else:
+        Image.fromarray(_images(1, size=10)[0, ..., 0]).save(bad)
+    rd = tmp_path / "run"
+    extra = ["--mode", "data", "--set", f'distill.data="{digits_folder}"']
+    code = run(tiny_distill_args(tiny_teacher_file, rd, iterations=3, extra=extra))
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "007.png" in err and len(err.splitlines()) == 1, err
+    assert not rd.exists()  # refused before anything in the run directory was written

@@ -39,6 +39,19 @@ def test_every_spelling_huggingface_hub_accepts(online, monkeypatch, var, value,
     assert _is_true(value) is offline  # the same rule as huggingface_hub's own
 
 
+@pytest.mark.parametrize("value", ["maybe", "2", "offline", "y"])
+def test_a_dkdm_offline_that_is_neither_true_nor_false_is_refused(online, monkeypatch, capsys, value):
+    from dkdm_cli.cli import run
+    from dkdm_cli.errors import UserError
+
+    monkeypatch.setenv("DKDM_OFFLINE", value)
+    with pytest.raises(UserError, match="DKDM_OFFLINE"):
+        _offline.is_offline()
+    assert run(["students", "--image-size", "8"]) == 2  # any command, before it runs
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and value in err and "true, yes or on" in err, err
+
+
 def test_direct_link_teacher_honours_hf_hub_offline_true(online, monkeypatch, tmp_path):
     from dkdm_cli.teachers.public import download_once
 

@@ -233,6 +233,51 @@ def test_a_read_only_file_system_is_one_line(tiny_teacher_file, tmp_path, capsys
         assert code == 2 and _one_line(err) and "read-only" in err, err
 
 
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody may create files in: a read-only tmpfs (root), else mode 0555."""
+    folder = tmp_path / "ro"
+    if os.geteuid() != 0:
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    with _tmpfs(folder, "ro,size=64k") as disk:
+        yield disk
+
+
+@POSIX
+@pytest.mark.parametrize("argv,target", [
+    (["sample", "--model", "{rd}", "--num", "2", "--steps", "2", "--npz", "{ro}/x.npz"], "x.npz"),
+    (["sample", "--model", "{rd}", "--num", "2", "--steps", "2", "--out", "{ro}/pngs"], "pngs"),
+    (["sample", "--model", "{rd}", "--num", "2", "--steps", "2", "--out", "{ro}"], ""),
+    (["export", "--run-dir", "{rd}", "--out", "{ro}/x.safetensors"], "x.safetensors"),
+])
+def test_unwritable_outputs_are_refused_before_any_work_naming_the_path(trained, read_only_dir,
+                                                                        monkeypatch, capsys, argv,
+                                                                        target):
+    def no_work(*args, **kwargs):
+        raise AssertionError("sampled or exported before checking the output path")
+
+    monkeypatch.setattr("dkdm_cli.commands.sample.generate", no_work)
+    monkeypatch.setattr("dkdm_cli.export.student_from_checkpoint", no_work)
+    code = run([a.format(rd=trained, ro=read_only_dir) for a in argv])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and _one_line(err), err
+    assert str(read_only_dir / target).rstrip("/") in err and ".tmp" not in err, err
+    assert ("read-only" if os.geteuid() == 0 else "permission denied") in err
+
+
+@POSIX
+def test_a_failed_temp_file_names_the_target_not_the_temp_file(read_only_dir):
+    from dkdm_cli import _fs
+
+    with pytest.raises(OSError) as info:
+        _fs.write_bytes(read_only_dir / "x.npz", b"data")
+    assert info.value.filename == str(read_only_dir / "x.npz")
+
+
 def test_paths_under_a_file_are_one_line(tiny_teacher_file, trained, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
@@ -313,6 +358,39 @@ def test_a_stop_signal_saves_at_the_next_iteration_and_exits_143(tiny_teacher_fi
 
 
 @POSIX
+@pytest.mark.parametrize("extra", [
+    ["--set", "distill.init=\"exact\""],
+    ["--set", "distill.init=\"fast\"", "--set", "distill.init_steps=8"],
+    ["--mode", "synthetic", "--set", "distill.synthetic_samples=4", "--set",
+     "distill.synthetic_steps=10"],
+])
+def test_a_stop_signal_during_the_startup_exits_143_at_the_next_teacher_step(tiny_teacher_file,
+                                                                            tmp_path, monkeypatch,
+                                                                            capsys, extra):
+    from dkdm_cli.distill.observe import Observer
+
+    ticks = []
+    original = Observer.advance
+
+    def advance(self, n=1, status=None):
+        ticks.append(n)
+        if len(ticks) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as Kubernetes would, mid start-up
+        return original(self, n, status=status)
+
+    monkeypatch.setattr(Observer, "advance", advance)
+    rd = tmp_path / "run"
+    args = tiny_distill_args(tiny_teacher_file, rd, iterations=3, extra=extra)
+    assert run([a for a in args if a != "--quiet"]) == 143
+    assert len(ticks) == 2  # not one teacher step more (the start-up has 8 or more)
+    assert not list_checkpoints(rd) and not (rd / "startup.json").exists()
+    assert "during the start-up" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert run(args) == 0  # the start-up is built again and the run goes on
+    assert read_checkpoint(list_checkpoints(rd)[-1]).step == 3
+
+
+@POSIX
 def test_a_second_signal_aborts_at_once():
     from dkdm_cli.distill.signals import StopFlag
     from dkdm_cli.errors import Interrupted
@@ -365,6 +443,22 @@ def test_metrics_hold_each_step_once_after_a_resume(trained, tiny_teacher_file):
     assert run(tiny_distill_args(tiny_teacher_file, trained, iterations=8)) == 0
     steps = [json.loads(ln)["step"] for ln in (trained / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 8
+
+
+def test_damaged_metrics_lines_are_dropped_with_a_warning_and_the_run_resumes(trained,
+                                                                            tiny_teacher_file, capsys):
+    list_checkpoints(trained)[-1].unlink()  # resume from step 3
+    path = trained / "metrics.jsonl"
+    good = [json.loads(ln) for ln in path.read_text().splitlines()]
+    with open(path, "a") as fh:
+        fh.write('{"step": "abc"}\n{"step": null}\n[1, 2]\n\xff\n{"step": 7, "lo')
+    assert run(tiny_distill_args(tiny_teacher_file, trained, iterations=8)) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "metrics.jsonl" in err and "unreadable" in err, err
+    records = [json.loads(ln) for ln in path.read_text().splitlines()]  # every line readable
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)) and steps[-1] == 8
+    assert records[:len([r for r in good if r["step"] <= 3])] == [r for r in good if r["step"] <= 3]
 
 
 def test_quiet_prints_nothing(tiny_teacher_file, tmp_path, capsys):

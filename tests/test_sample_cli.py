@@ -82,3 +82,34 @@ def test_sample_user_errors(argv, needle, tiny_run_dir, tmp_path, capsys, monkey
     monkeypatch.chdir(tmp_path)
     assert run(["sample", "--model", str(tiny_run_dir), *ARGS, *argv]) == 2
     assert needle in capsys.readouterr().err
+
+
+# -- issue 20: absurd guidance and broken models are one line, and nothing is written ---------------
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "--teacher", "{teacher}", "--npz", "{tmp}/s.npz"],
+    ["eval", "{teacher}", "--consistency"],
+])
+def test_an_absurd_guidance_scale_is_refused_with_the_useful_range(argv, tiny_cond_teacher_file,
+                                                                   tmp_path, capsys):
+    argv = [a.format(teacher=tiny_cond_teacher_file, tmp=tmp_path) for a in argv]
+    code = run([*argv, *ARGS, "--class", "1", "--cfg", "1e308"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "cfg_scale" in err and "<= 50" in err and "1 to 10" in err, err
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_non_finite_samples_are_refused_in_one_line(tmp_path, capsys):
+    from conftest import make_tiny_teacher_file
+
+    from dkdm_cli.models.io import atomic_save_safetensors, read_safetensors
+
+    path = make_tiny_teacher_file(tmp_path / "broken.safetensors")
+    tensors, meta = read_safetensors(path)
+    name = next(k for k, v in tensors.items() if v.is_floating_point() and v.dim() > 1)
+    tensors[name] = tensors[name].clone().fill_(float("nan"))  # weights a bad run could leave
+    atomic_save_safetensors(tensors, path, meta)
+    code = run(["sample", "--teacher", str(path), *ARGS, "--npz", str(tmp_path / "s.npz")])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "non-finite" in err, err
+    assert not (tmp_path / "s.npz").exists()

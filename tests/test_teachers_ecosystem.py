@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import eco_tiny_unet2d, eco_write_ddpm_folder
@@ -16,6 +18,7 @@ from dkdm_cli import api
 from dkdm_cli.cli import run
 from dkdm_cli.errors import ModelFileError, OfflineError, TeacherError
 from dkdm_cli.models._blocks import AttentionBlock
+from dkdm_cli.sample import save_npz
 from dkdm_cli.teachers import adm
 from dkdm_cli.teachers.public import download_once, teachers_cache_dir
 from dkdm_cli.teachers.registry import TEACHERS
@@ -336,3 +339,54 @@ def test_distill_runs_from_each_kind_of_source(kind, tmp_path, hf_offline_cache,
     assert (student.autoencoder is not None) == (kind == "latent")
     out = student.model_output(_x((2, 3, 8, 8)), torch.tensor([0, 99]))
     assert out.shape[:1] == (2,) and torch.isfinite(out).all()
+
+
+# -- issue 20: damaged teacher files are one line, and nothing is written --------------------------
+
+LFS_POINTER_TEXT = ("version https://git-lfs.github.com/spec/v1\n"
+                    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+                    "size 1234567\n")  # what a clone without Git LFS leaves (134 bytes)
+
+
+def _refused_in_one_line(argv, capsys) -> str:
+    code = run(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_config_json_that_is_not_utf8_is_one_line(tmp_path, tiny_diffusers_teacher_dir, capsys):
+    folder = tmp_path / "teacher"
+    shutil.copytree(tiny_diffusers_teacher_dir, folder)
+    (folder / "unet" / "config.json").write_bytes(b'{"sample_size": 8, "name": "\xff\xfe"}')
+    err = _refused_in_one_line(["distill", "--teacher", str(folder), "--run-dir",
+                                str(tmp_path / "run"), "--quiet"], capsys)
+    assert "config.json" in err and "UTF-8" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("reader", ["dkdm-safetensors", "diffusers-safetensors", "diffusers-bin",
+                                    "adm-pt", "inception"])
+def test_git_lfs_pointers_are_named_in_every_weight_reader(reader, tmp_path, tiny_teacher_file,
+                                                          tiny_diffusers_teacher_dir, capsys):
+    run_dir = ["--run-dir", str(tmp_path / "run"), "--quiet"]
+    if reader == "dkdm-safetensors":
+        pointer = tmp_path / "teacher.safetensors"
+        argv = ["distill", "--teacher", str(pointer), *run_dir]
+    elif reader.startswith("diffusers"):
+        shutil.copytree(tiny_diffusers_teacher_dir, tmp_path / "teacher")
+        weights = tmp_path / "teacher" / "unet" / "diffusion_pytorch_model.safetensors"
+        pointer = weights.with_suffix(".bin") if reader.endswith("bin") else weights
+        weights.unlink()
+        argv = ["distill", "--teacher", str(tmp_path / "teacher"), *run_dir]
+    elif reader == "adm-pt":
+        pointer = tmp_path / "teacher.pt"
+        argv = ["distill", "--teacher", str(pointer), "--teacher-arch", "iddpm-cifar10", *run_dir]
+    else:
+        pointer = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+        save_npz(np.zeros((4, 8, 8, 3), dtype=np.uint8), tmp_path / "s.npz")
+        argv = ["eval", str(tmp_path / "s.npz"), "--isc", "--inception-weights", str(pointer)]
+    pointer.write_text(LFS_POINTER_TEXT)
+    err = " ".join(_refused_in_one_line(argv, capsys).split())
+    assert "Git LFS pointer" in err and "git lfs pull" in err and pointer.name in err, err
+    assert not (tmp_path / "run").exists()

@@ -57,7 +57,8 @@ def distill(
     summary = {"event": "end", "status": result.status, "run_dir": str(result.run_dir),
                "step": result.step, "seconds": round(result.seconds, 2),
                "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-               "signal": result.signal or None, "teacher_forwards": result.teacher_forwards}
+               "signal": result.signal or None, "teacher_forwards": result.teacher_forwards,
+               "during_startup": result.during_startup}
     if result.is_main and json_out:
         _console.print_json(summary)
     elif result.is_main and not quiet:
@@ -65,7 +66,12 @@ def distill(
         loss = f", loss {last['loss']:.4f}" if last.get("loss") is not None else ""
         _console.out.print(f"{result.status}: {result.run_dir} at iteration {result.step}{loss}",
                            highlight=False)
-        if result.status == "interrupted":
+        if result.status == "interrupted" and result.during_startup:
+            kept = f"kept {result.checkpoint}" if result.checkpoint else "no checkpoint yet"
+            _console.info(f"stopped by {result.signal or 'a signal'} during the start-up: nothing "
+                          f"new to save ({kept}). Run the same command again: the start-up "
+                          "restarts from the beginning (the same seed gives the same states)")
+        elif result.status == "interrupted":
             _console.info(f"stopped by {result.signal or 'a signal'}; saved {result.checkpoint}. "
                           "Run the same command again to resume")
         else:

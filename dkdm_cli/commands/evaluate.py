@@ -86,6 +86,9 @@ def evaluate(
     inception_weights: Annotated[Optional[Path], typer.Option(
         "--inception-weights", help="torch-fidelity Inception weights file, for offline use "
         "(or set DKDM_INCEPTION_WEIGHTS).", show_default=False)] = None,
+    allow_unknown_inception: Annotated[bool, typer.Option(
+        "--allow-unknown-inception", help="Score with Inception weights whose sha256 is not "
+        "torch-fidelity's (the scores then compare with no published ones).")] = False,
     fail_above: Annotated[Optional[list[str]], typer.Option(
         "--fail-above", help="METRIC=VALUE: exit 1 when METRIC is above VALUE (repeatable).",
         show_default=False)] = None,
@@ -108,7 +111,8 @@ def evaluate(
         num=num, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size,
         reference=reference, device=device, classes=classes, cfg_scale=cfg_scale,
         precision=precision,
-        inception_weights=str(inception_weights) if inception_weights else None)}, sets=set_).eval
+        inception_weights=str(inception_weights) if inception_weights else None,
+        allow_unknown_inception=allow_unknown_inception or None)}, sets=set_).eval
     flags = [name for name, on in (("fid", fid), ("isc", isc), ("kid", kid), ("prc", prc),
                                    ("sfid", sfid), ("consistency", consistency)) if on]
     silent = quiet or json_out

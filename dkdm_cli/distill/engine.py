@@ -33,7 +33,7 @@ from dkdm_cli.distill.ema import EMA
 from dkdm_cli.distill.observe import MetricWindow, Observer
 from dkdm_cli.distill.realdata import open_images
 from dkdm_cli.distill.saver import CheckpointWriter
-from dkdm_cli.distill.signals import StopFlag
+from dkdm_cli.distill.signals import StartupWatch, StopFlag, StoppedDuringStartup
 from dkdm_cli.distill.sources import build_source
 from dkdm_cli.distill.state import TrainState, student_settings
 from dkdm_cli.errors import ConfigError, ShapeMismatchError, TeacherError, TrainingError
@@ -61,6 +61,7 @@ class DistillResult:
     num_classes: int = 0  # a class-conditional teacher's classes (0: unconditional)
     null_class: int | None = None
     guidance_scale: float = 1.0  # distilled on the teacher's guided prediction at this scale
+    during_startup: bool = False  # stopped before the first iteration: nothing new was saved
 
 
 def student_label_kwargs(teacher: Teacher) -> dict[str, Any]:
@@ -156,15 +157,17 @@ class Distiller:
 
     # -- start-up ----------------------------------------------------------------------------
 
-    def prepare_source(self, ckpt: Checkpoint | None) -> bool:
+    def prepare_source(self, ckpt: Checkpoint | None, stop: StopFlag | None = None) -> bool:
         """Build the batch source of the mode (pool, teacher samples or real images), from the
-        checkpoint where it holds it; returns whether it came from the checkpoint."""
+        checkpoint where it holds it; returns whether it came from the checkpoint. With `stop`,
+        a stop signal raises StoppedDuringStartup at the next teacher step of the start-up."""
+        obs = self.obs if stop is None else StartupWatch(self.obs, stop)
         # The loop's teacher forwards go through the compiled network (one fixed batch shape);
         # the start-up, whose batches shrink as states reach their steps, stays eager.
         loop_teacher = self.teacher.compiled(**compile_options()) if self.policy.compile else None
         built = build_source(self.cfg.distill, teacher=self.teacher, device=self.device,
                              seed=self.seed, ckpt=ckpt, distributed=self.info.distributed,
-                             obs=self.obs, loop_teacher=loop_teacher)
+                             obs=obs, loop_teacher=loop_teacher)
         self.source, self.startup = built.source, built.startup
         return built.restored
 
@@ -364,7 +367,14 @@ def distill(cfg: Config, *, force: bool = False, quiet: bool = False, json_out: 
                             policy=policy, writer=writer)
             runs.announce(obs, cfg, info, teacher, run.state.student, count_parameters,
                           runtime=policy.describe())
-            restored = run.prepare_source(ckpt)
+            try:
+                restored = run.prepare_source(ckpt, stop)
+            except StoppedDuringStartup:  # exit now; the start-up is rebuilt on the next run
+                return DistillResult(run_dir, ckpt.step if ckpt else 0, "interrupted",
+                                     time.perf_counter() - start,
+                                     checkpoint=ckpt.path if ckpt else None, is_main=info.is_main,
+                                     exit_code=stop.exit_code, signal=stop.name,
+                                     during_startup=True)
             if ckpt is not None:
                 run.state.restore(ckpt)
                 runs.warn_if_not_exact(cfg, restored)

@@ -16,15 +16,16 @@ from dkdm_cli.errors import ConfigError
 
 
 def open_images(path: str, shape: tuple[int, int, int]):
-    """The image set at `path`, checked against the teacher's (C, H, W) `shape` without reading
-    the pixels (cheap: the engine calls it before touching the run directory)."""
+    """The image set at `path`, checked against the teacher's (C, H, W) `shape` without decoding
+    the pixels: every image's header and chunks, an .npz's layout and length (the engine calls
+    it before touching the run directory)."""
     from dkdm_cli.evaluate.inputs import folder_images, read_npz
 
     if not path:
         raise ConfigError("mode data needs distill.data: a folder or .npz of real images")
     p = Path(path).expanduser()
     if p.is_dir():
-        images = folder_images(p)
+        images = folder_images(p, verify=True)
     elif p.is_file() and p.suffix == ".npz":
         images, _stats = read_npz(p)
         if images is None:

@@ -97,22 +97,42 @@ def move_aside(run_dir: Path) -> Path:
     return dest
 
 
+def _record_step(line: str) -> int | None:
+    """The step of one metrics.jsonl line: 0 for a record without one (kept, as before), None
+    for a line that is not a record with an integer step (cut short by a kill, or edited)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    step = record.get("step", 0)
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Keep only the metrics.jsonl records up to `step`, so a resumed run logs each step once
-    (a killed run may have logged past its last checkpoint)."""
+    (a killed run may have logged past its last checkpoint). Unreadable lines are dropped with a
+    warning naming them; every readable record is kept."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    keep = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    keep, bad = [], []
+    for number, line in enumerate(lines, 1):
+        at = _record_step(line)
+        if at is None:
+            if line.strip():
+                bad.append(number)
+        elif at <= step:
             keep.append(line)
-    if len(keep) != len(lines):
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        _console.warn(f"{path}: dropped unreadable line(s) {shown}; kept the {len(keep)} "
+                      f"readable record(s) up to step {step}")
+    # A last line without its newline would run into the next record appended.
+    if len(keep) != len(lines) or (text and not text.endswith("\n")):
         _fs.write_text(path, "".join(f"{line}\n" for line in keep))
 
 

@@ -4,6 +4,11 @@ Ctrl-C (SIGINT), SIGTERM (what SLURM, Kubernetes and torchrun send before killin
 preemption) and SIGUSR1 (what `#SBATCH --signal=USR1@120` sends ahead of the time limit) each
 ask the loop to stop at the next iteration boundary; the run then saves a checkpoint and exits
 130 (SIGINT) or 143 (the others). A second signal aborts at once (`errors.Interrupted`).
+
+During the start-up (building the state pool or the teacher samples, which can take minutes) a
+stop is seen at the next teacher step (`StartupWatch`): the run exits at once with the same code.
+Nothing of a half-built start-up is saved; the next run builds it again from the same seed, so
+it is the same as if it had never been stopped.
 """
 
 from __future__ import annotations
@@ -61,3 +66,26 @@ class StopFlag:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+
+
+class StoppedDuringStartup(Exception):
+    """A stop signal arrived during the start-up, before the first iteration: nothing to save."""
+
+
+class StartupWatch:
+    """The observer the start-up reports its progress to (`phase`, `advance`): every tick, one
+    per teacher step, first checks the stop flag, so a stop ends the start-up within a step
+    instead of after it (a scheduler's grace period is often 30 s)."""
+
+    def __init__(self, observer, stop: StopFlag) -> None:
+        self.observer, self.stop = observer, stop
+
+    def phase(self, description: str, total: int, completed: int = 0) -> None:
+        """Start a progress phase on the real observer."""
+        self.observer.phase(description, total=total, completed=completed)
+
+    def advance(self, n: int = 1, status: str | None = None) -> None:
+        """Raise StoppedDuringStartup if a stop signal arrived, else advance the progress."""
+        if self.stop.requested:
+            raise StoppedDuringStartup(self.stop.name)
+        self.observer.advance(n, status=status)

@@ -270,7 +270,7 @@ def _generate_synthetic(d: DistillConfig, *, teacher, device, seed: int, obs):
     for i in range(0, num, d.init_batch_size):
         x = sample(teacher.denoise, teacher.diffusion, noise=noise[i:i + d.init_batch_size].to(device),
                    steps=steps, sampler=Sampler.IDDPM, clip_denoised=teacher.settings.clip_denoised,
-                   generator=gen)
+                   generator=gen, on_step=lambda _done, _n: obs.advance(0))  # a tick per step
         out.append(x)
         obs.advance(len(x))
     startup = {"mode": Mode.SYNTHETIC.value, **plan, "seconds": round(time.perf_counter() - start, 3)}

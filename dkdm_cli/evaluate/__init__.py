@@ -146,7 +146,7 @@ def _label_info(model, labels, cfg: EvalConfig) -> dict[str, Any]:
 
 def check_samples(spec: str) -> None:
     """Refuse samples that cannot be opened: a missing path, an unknown teacher name, a file
-    of the wrong type (the same rules open_samples applies, without loading anything)."""
+    of the wrong type (the rules stored_samples and sample_model apply, without loading anything)."""
     from dkdm_cli.teachers.spec import classify
 
     path = Path(spec).expanduser()
@@ -157,21 +157,29 @@ def check_samples(spec: str) -> None:
     classify(spec)
 
 
-def open_samples(spec: str, *, cfg: EvalConfig, ema: bool, device, progress: Progress,
-                 check_model=None):
-    """(ImageSet, model or None, class labels or None): a folder, an .npz's arr_0, or `cfg.num`
-    fresh samples of a run directory / exported student / teacher spec (with their labels when
-    the model is class-conditional)."""
+def stored_samples(spec: str, cfg: EvalConfig) -> ImageSet | None:
+    """The images of a folder or an .npz, every one checked now (readable, one size, uint8 NHWC),
+    so a malformed input is refused before the Inception weights are fetched; None for a model
+    to sample. --class and --cfg choose what a model samples, so they are refused here."""
     path = Path(spec).expanduser()
-    if cfg.classes and (path.is_dir() and is_image_folder(path) or path.suffix == ".npz"):
-        raise UserError("--class filters what a model samples; these are stored images")
-    if path.is_file() and path.suffix == ".npz":
-        images, _stats = read_npz(path)
-        if images is None:
-            raise UserError(f"{path}: holds statistics but no images (arr_0) to score")
-        return images, None, None
-    if path.is_dir() and is_image_folder(path):
-        return folder_images(path), None, None
+    is_npz = path.is_file() and path.suffix == ".npz"
+    if not (is_npz or path.is_dir() and is_image_folder(path)):
+        return None
+    for flag, given in (("--class", bool(cfg.classes)), ("--cfg", cfg.cfg_scale != 1.0)):
+        if given:
+            raise UserError(f"{flag} sets what a model samples; {spec} holds stored images")
+    if not is_npz:
+        return folder_images(path, verify=True)
+    images, _stats = read_npz(path)
+    if images is None:
+        raise UserError(f"{path}: holds statistics but no images (arr_0) to score")
+    return images
+
+
+def sample_model(spec: str, *, cfg: EvalConfig, ema: bool, device, progress: Progress,
+                 check_model=None):
+    """(ImageSet, model, class labels or None): `cfg.num` fresh samples of a run directory /
+    exported student / teacher spec (with their labels when the model is class-conditional)."""
     model = _load_model(spec, ema=ema, device=str(device))
     if check_model is not None:  # refuse a model the metrics cannot score before sampling it
         check_model(model)
@@ -187,25 +195,14 @@ def open_samples(spec: str, *, cfg: EvalConfig, ema: bool, device, progress: Pro
 
 # -- the reference ---------------------------------------------------------------------------
 
-def check_reference(ref: str) -> None:
-    """Refuse a reference that cannot work before any sampling starts."""
+def stored_reference(ref: str):
+    """(ImageSet or None, ReferenceStats or None, description) of a folder or .npz reference,
+    every image checked now, as for the samples; None for the teacher's samples."""
     if ref == "teacher":
-        return
-    path = Path(ref).expanduser()
-    if not (path.is_dir() or (path.is_file() and path.suffix == ".npz")):
-        raise UserError(f"--reference {ref}: expected 'teacher', a folder of images or an .npz "
-                        "(arr_0 images and/or mu, sigma statistics); no such folder or .npz")
-
-
-def open_reference(ref: str, *, model, teacher: str | None, num: int, cfg: EvalConfig,
-                   seed: int, device, progress: Progress, use_cache: bool):
-    """(ImageSet or None, ReferenceStats or None, description)."""
-    if ref == "teacher":
-        return _teacher_reference(model, teacher, num=num, cfg=cfg, seed=seed, device=device,
-                                  progress=progress, use_cache=use_cache)
+        return None
     path = Path(ref).expanduser()
     if path.is_dir():
-        images = folder_images(path)
+        images = folder_images(path, verify=True)
         return images, None, {"kind": "folder", "source": str(path)}
     if path.is_file() and path.suffix == ".npz":
         images, stats = read_npz(path)
@@ -213,7 +210,7 @@ def open_reference(ref: str, *, model, teacher: str | None, num: int, cfg: EvalC
                 "statistics": stats is not None, "images": images is not None}
         return images, stats, desc
     raise UserError(f"--reference {ref}: expected 'teacher', a folder of images or an .npz "
-                    "(arr_0 images and/or mu, sigma statistics)")
+                    "(arr_0 images and/or mu, sigma statistics); no such folder or .npz")
 
 
 def _teacher_reference(model, teacher: str | None, *, num: int, cfg: EvalConfig, seed: int,
@@ -326,6 +323,20 @@ def _stats_provide(stats: ReferenceStats | None, settings: MetricSettings) -> fr
     return frozenset(have)
 
 
+def _stored_inputs(samples: str, cfg: EvalConfig, vs_reference: set[str],
+                   settings: MetricSettings):
+    """(stored samples or None, stored reference or None, the reference's feature groups still
+    to extract), every stored input checked; None where a model or the teacher is sampled."""
+    sample_set = stored_samples(samples, cfg)
+    ref = stored_reference(cfg.reference) if vs_reference else None
+    provided = _stats_provide(ref[1] if ref else None, settings)
+    need_r = M.groups_for(vs_reference, settings, samples=False, ref_stats=provided)
+    if ref is not None and need_r and ref[0] is None:
+        raise UserError(f"{cfg.reference}: {', '.join(sorted(vs_reference - provided))} "
+                        "need reference images (arr_0), and this .npz holds only statistics")
+    return sample_set, ref, need_r
+
+
 def evaluate(
     samples: str,
     *,
@@ -348,14 +359,17 @@ def evaluate(
     device = resolve_device(cfg.device)
     check_samples(samples)  # a typo fails here, before anything is hashed, cached or sampled
     inception = wanted - M.NO_INCEPTION
-    # Weights first: offline without them, fail before minutes of sampling.
-    weights = resolve_weights(cfg.inception_weights or None, quiet=quiet, cache_dir=cache_dir()) \
-        if inception else None
-    if inception - {"isc"}:
-        check_reference(cfg.reference)
-    sample_set, model, labels = open_samples(
-        samples, cfg=cfg, ema=ema, device=device, progress=progress,
-        check_model=_check_consistency_model if "consistency" in wanted else None)
+    vs_reference = inception - {"isc"}  # the Inception Score needs no reference
+    # Stored images and references are checked in full first, then the weights (offline without
+    # them, fail before minutes of sampling), then the models are sampled.
+    sample_set, ref, need_r = _stored_inputs(samples, cfg, vs_reference, settings)
+    model = labels = None
+    weights = resolve_weights(cfg.inception_weights or None, quiet=quiet, cache_dir=cache_dir(),
+                              allow_unknown=cfg.allow_unknown_inception) if inception else None
+    if sample_set is None:
+        sample_set, model, labels = sample_model(
+            samples, cfg=cfg, ema=ema, device=device, progress=progress,
+            check_model=_check_consistency_model if "consistency" in wanted else None)
     values, extra = {}, {}
     if "consistency" in wanted:
         values["consistency"], extra = _consistency(sample_set, labels, model)
@@ -365,17 +379,12 @@ def evaluate(
                           settings={"metrics": sorted(wanted)}, bounds=bounds,
                           seconds=time.perf_counter() - start)
     ref_seed = cfg.seed + REFERENCE_SEED_OFFSET if reference_seed is None else reference_seed
-    ref_set, stats, ref_desc = None, None, {"kind": "none"}  # the Inception Score needs none
-    if inception - {"isc"}:
-        ref_set, stats, ref_desc = open_reference(
-            cfg.reference, model=model, teacher=teacher, num=sample_set.num, cfg=cfg,
-            seed=ref_seed, device=device, progress=progress, use_cache=use_cache)
-    provided = _stats_provide(stats, settings)
+    ref_set, stats, ref_desc = ref if ref is not None else (None, None, {"kind": "none"})
+    if vs_reference and ref is None:
+        ref_set, stats, ref_desc = _teacher_reference(
+            model, teacher, num=sample_set.num, cfg=cfg, seed=ref_seed, device=device,
+            progress=progress, use_cache=use_cache)
     need_s = M.groups_for(inception, settings, samples=True)
-    need_r = M.groups_for(inception - {"isc"}, settings, samples=False, ref_stats=provided)
-    if need_r and ref_set is None:
-        raise UserError(f"{cfg.reference}: {', '.join(sorted(inception - provided - {'isc'}))} "
-                        "need reference images (arr_0), and this .npz holds only statistics")
     feats = _Features(weights, need_s | need_r, device=device, batch_size=cfg.batch_size,
                       progress=progress, use_cache=use_cache)
     fs = feats(sample_set, need_s, "features (samples)")

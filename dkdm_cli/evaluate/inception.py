@@ -36,7 +36,7 @@ import torch
 
 from dkdm_cli import _fs, _offline
 from dkdm_cli.errors import ModelFileError, OfflineError, UserError
-from dkdm_cli.tensorfile import read_tensor_dict
+from dkdm_cli.tensorfile import read_tensor_dict, refuse_lfs_pointer
 
 EXTRACTOR = "inception-v3-compat"
 ENV_WEIGHTS = "DKDM_INCEPTION_WEIGHTS"
@@ -60,6 +60,15 @@ def hub_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights_url()).name
 
 
+def known_sha256_prefix() -> str:
+    """The start of the sha256 of torch-fidelity's weights, as its file name carries it
+    (torch.hub's `name-<sha256 prefix>.pth` convention, which its download checks too)."""
+    from torch.hub import HASH_REGEX
+
+    found = HASH_REGEX.search(Path(weights_url()).name)
+    return found.group(1) if found else ""
+
+
 @dataclass(frozen=True)
 class InceptionWeights:
     """A weights file and what identifies it in results and cache keys."""
@@ -67,11 +76,12 @@ class InceptionWeights:
     path: Path
     sha256: str
     source: str  # flag | env | hub-cache | download
+    known: bool = True  # the sha256 is torch-fidelity's (else accepted with allow_unknown)
 
     def describe(self) -> dict:
         """JSON-ready form."""
         return {"name": EXTRACTOR, "weights": str(self.path), "weights_sha256": self.sha256,
-                "weights_source": self.source, "url": weights_url()}
+                "weights_known": self.known, "weights_source": self.source, "url": weights_url()}
 
 
 def is_offline(host: str = "github.com", port: int = 443, timeout: float = OFFLINE_PROBE_S) -> bool:
@@ -134,8 +144,10 @@ def file_sha256(path: Path, *, cache_dir: Path | None = None) -> str:
 
 
 def resolve_weights(explicit: str | None = None, *, quiet: bool = False,
-                    cache_dir: Path | None = None) -> InceptionWeights:
-    """Find (or download) the Inception weights; never hangs when offline."""
+                    cache_dir: Path | None = None, allow_unknown: bool = False) -> InceptionWeights:
+    """Find (or download) the Inception weights; never hangs when offline. A file whose sha256
+    is not torch-fidelity's is refused unless `allow_unknown`: other weights of the same shapes
+    load fine and give scores that compare with nothing (random ones give IS = 1)."""
     if explicit:
         path, source = Path(explicit).expanduser(), "flag"
     elif os.environ.get(ENV_WEIGHTS):
@@ -152,7 +164,17 @@ def resolve_weights(explicit: str | None = None, *, quiet: bool = False,
     if not path.is_file():
         where = "--inception-weights" if source == "flag" else ENV_WEIGHTS
         raise UserError(f"{where} {path}: no such file. " + _offline_message("none were found"))
-    return InceptionWeights(path=path, sha256=file_sha256(path, cache_dir=cache_dir), source=source)
+    refuse_lfs_pointer(path, what="Inception weights file")
+    sha256 = file_sha256(path, cache_dir=cache_dir)
+    prefix = known_sha256_prefix()
+    known = sha256.startswith(prefix)
+    if not known and not allow_unknown:
+        raise ModelFileError(
+            f"{path}: sha256 {sha256[:16]}... is not that of torch-fidelity's Inception weights "
+            f"({Path(weights_url()).name}, sha256 {prefix}...), so its scores would compare with "
+            f"no others; fetch {weights_url()}, or pass --allow-unknown-inception to score with "
+            "this file anyway")
+    return InceptionWeights(path=path, sha256=sha256, source=source, known=known)
 
 
 def _download(path: Path, *, quiet: bool) -> None:

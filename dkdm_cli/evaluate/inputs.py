@@ -48,14 +48,17 @@ def to_rgb(batch: np.ndarray) -> np.ndarray:
     return np.repeat(batch, 3, axis=-1) if batch.shape[-1] == 1 else batch
 
 
+def _layout_hint(shape: tuple[int, ...]) -> str:
+    return " (channels first? expected N, H, W, C)" if len(shape) == 4 and shape[1] in (1, 3) else ""
+
+
 def check_images(images: np.ndarray, where: str) -> None:
     """Refuse anything but (N, H, W, 1 or 3) uint8, with the likely fix."""
     if images.dtype != np.uint8:
         raise UserError(f"{where}: images must be uint8 (0..255), got {images.dtype}")
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        hint = " (channels first? expected N, H, W, C)" if images.ndim == 4 and \
-            images.shape[1] in (1, 3) else ""
-        raise UserError(f"{where}: expected images (N, H, W, 1 or 3), got {images.shape}{hint}")
+        raise UserError(f"{where}: expected images (N, H, W, 1 or 3), got {images.shape}"
+                        f"{_layout_hint(images.shape)}")
     if len(images) < 2:
         raise UserError(f"{where}: at least 2 images are needed, got {len(images)}")
 
@@ -122,22 +125,50 @@ def array_images(images: np.ndarray, *, source: str, info: dict[str, Any] | None
                     _array=images)
 
 
-def folder_images(path: Path) -> ImageSet:
-    """The PNG/JPEG files directly inside `path` (sorted by name), all of one size."""
-    from PIL import Image
+# What PIL raises for a file that is not an image or is damaged (verify() raises SyntaxError for
+# a bad PNG chunk; a decompression bomb is a ValueError subclass in some versions).
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
 
-    path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+def folder_images(path: Path, *, verify: bool = False) -> ImageSet:
+    """The PNG/JPEG files directly inside `path` (sorted by name), all of one size.
+
+    `verify`: check every file now (header, size, and PIL's verify() of its chunks, without
+    decoding the pixels), so a damaged image among thousands is refused before any work;
+    otherwise only the first is opened and the rest are checked as they are read."""
+    try:
+        files = sorted(p for p in Path(path).iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot list the folder ({exc.strerror or exc})") from exc
     if len(files) < 2:
         raise UserError(f"{path}: expected at least 2 images ({', '.join(IMAGE_SUFFIXES)}) "
                         f"directly inside, found {len(files)}")
-    try:
-        with Image.open(files[0]) as first:
-            shape = (first.height, first.width, 3)
-    except OSError as exc:
-        raise UserError(f"{files[0]}: not a readable image ({exc})") from exc
+    shape = _image_shape(files[0], verify=verify)
+    for file in files[1:] if verify else ():
+        _check_size(file, _image_shape(file, verify=True), shape)
     info = {"lossy": True} if any(p.suffix.lower() in LOSSY_SUFFIXES for p in files) else {}
     return ImageSet("folder", str(path), len(files), shape, info, _files=files)
+
+
+def _image_shape(path: Path, *, verify: bool = False) -> tuple[int, int, int]:
+    """(H, W, 3) from an image file's header (and its chunks checked with `verify`)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            shape = (img.height, img.width, 3)
+            if verify:
+                img.verify()
+    except _IMAGE_ERRORS as exc:
+        raise UserError(f"{path}: not a readable image ({exc})") from exc
+    return shape
+
+
+def _check_size(path: Path, got: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    if got != shape:
+        raise UserError(f"{path}: {got[1]}x{got[0]} differs from the first image's "
+                        f"{shape[1]}x{shape[0]}; resize the folder to one size first")
 
 
 def _read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
@@ -146,11 +177,9 @@ def _read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     try:
         with Image.open(path) as img:
             arr = np.asarray(img.convert("RGB"))  # (H, W, 3) uint8
-    except OSError as exc:
+    except _IMAGE_ERRORS as exc:
         raise UserError(f"{path}: not a readable image ({exc})") from exc
-    if arr.shape != shape:
-        raise UserError(f"{path}: {arr.shape[1]}x{arr.shape[0]} differs from the first image's "
-                        f"{shape[1]}x{shape[0]}; resize the folder to one size first")
+    _check_size(path, arr.shape, shape)
     return arr
 
 
@@ -177,7 +206,7 @@ class _NpzMember:
             raise UserError(f"{self.path}: cannot read {self.name} ({exc})") from exc
         problem = ("is stored in Fortran order; re-save it with np.ascontiguousarray" if fortran
                    else f"must be uint8 (0..255), got {dtype}" if dtype != np.uint8
-                   else f"must be images (N, H, W, 1 or 3), got {tuple(shape)}"
+                   else f"must be images (N, H, W, 1 or 3), got {tuple(shape)}{_layout_hint(shape)}"
                    if len(shape) != 4 or shape[-1] not in (1, 3) else "")
         if problem:
             self.__exit__()

@@ -18,6 +18,7 @@ from torch import nn
 from dkdm_cli import __version__, _fs
 from dkdm_cli.errors import DkdmError, ModelFileError
 from dkdm_cli.models import ModelSpec, build_from_spec
+from dkdm_cli.tensorfile import refuse_lfs_pointer
 
 FORMAT = "dkdm-model"
 FORMAT_VERSION = 1
@@ -42,6 +43,7 @@ def read_safetensors(path: Path, *, weights: bool = True) -> tuple[dict[str, tor
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
+    refuse_lfs_pointer(path, what="safetensors file")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}

@@ -41,7 +41,10 @@ TRAINING_ONLY_PREFIXES = ("loss.",)
 def read_config(path: Path) -> dict[str, Any]:
     """A component's raw config.json (what the file says, without diffusers' defaults)."""
     try:
-        config = json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text(encoding="utf-8"))  # JSON is UTF-8 (RFC 8259)
+    except UnicodeDecodeError as exc:
+        raise ModelFileError(f"{path}: not a JSON config (not UTF-8 text: {exc.reason} at byte "
+                             f"{exc.start})") from exc
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelFileError(f"{path}: not a readable JSON config ({exc})") from exc
     if not isinstance(config, dict):
