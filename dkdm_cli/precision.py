@@ -78,10 +78,12 @@ class Policy:
         """What ran, for banners, config.resolved.toml and checkpoints."""
         out: dict[str, str | bool] = {
             "device": str(self.device),
-            "network": NAMES[self.network] + (" (norm layers float32)"
+            "network": NAMES[self.network] + (" (dkdm's norm layers float32)"
                                               if self.network is not torch.float32 else ""),
             "compile": self.compile,
         }
+        if self.device.type == "cuda":
+            out["tf32"] = self.tf32
         if self.training:
             out["student"] = "fp32" if self.student is None else f"{NAMES[self.student]} autocast"
         return out
@@ -111,10 +113,13 @@ def distill_policy(d, device: torch.device) -> Policy:
     else:
         autocast = DTYPES[student.value]
         _check_supported(autocast, device, "distill.precision")
+    # TF32 for the float32 leftovers, unless the user asked for float32 everywhere: then fp32
+    # means IEEE float32 in every kernel.
+    strict = student is Precision.FP32 and NetworkPrecision(d.teacher_precision) is NetworkPrecision.FP32
     return Policy(device=device,
                   network=_network_dtype(d.teacher_precision, device, "distill.teacher_precision"),
                   student=None if autocast is torch.float32 else autocast,
-                  compile=_compile(d.compile, device), training=True)
+                  compile=_compile(d.compile, device), training=True, tf32=not strict)
 
 
 def sampling_policy(precision: NetworkPrecision, device: torch.device, *,

@@ -121,7 +121,7 @@ def test_distill_runs_every_family_in_the_policy(family, precision, family_specs
     assert run(args) == 0
     resolved = (rd / "config.resolved.toml").read_text()
     assert f'teacher_precision = "{precision}"' in resolved
-    assert f"network: {precision} (norm layers float32)" in resolved  # what ran, said
+    assert f"network: {precision} (dkdm's norm layers float32)" in resolved  # what ran, said
     assert "student: bf16 autocast" in resolved
 
 
@@ -136,7 +136,7 @@ def test_auto_policy_is_float32_on_the_cpu_and_explicit_ones_are_obeyed():
                                              compile="on"), cpu)
     assert (low.network, low.student, low.compile) == (torch.float16, torch.bfloat16, True)
     assert sampling_policy("bf16", cpu).network is torch.bfloat16
-    assert low.describe()["network"] == "fp16 (norm layers float32)"
+    assert low.describe()["network"] == "fp16 (dkdm's norm layers float32)"
 
 
 def test_sample_runs_in_the_policy(tmp_path, tiny_run_dir, capsys):
