@@ -32,6 +32,7 @@ DEFAULT_CONFIG_NAME = "dkdm.toml"
 MAX_ITERATIONS = 10**9
 MAX_BATCH = 1 << 20
 MAX_IMAGES = 10**7
+SAMPLERS = ("iddpm", "ddim", "dpm-solver++", "unipc")  # diffusion/samplers.py's Sampler values
 # Classifier-free guidance: useful scales are ~1-10 (DiT samples at 1.5-4); far above that every
 # sample saturates to black and white, so a larger --cfg is a typo, not a setting.
 MAX_GUIDANCE = 50.0
@@ -212,7 +213,9 @@ class SampleConfig:
 
     num: int = opt(64, "number of images", min=1, max=MAX_IMAGES)
     steps: int = opt(50, "sampling steps (respaced; at most the model's T)", min=1)
-    sampler: str = opt("iddpm", "iddpm (ancestral) | ddim", choices=("iddpm", "ddim"))
+    sampler: str = opt("iddpm", "iddpm (ancestral) | ddim | dpm-solver++ | unipc (diffusers' "
+                       "DPM-Solver++(2M) and UniPC, with the model's x0 clipping)",
+                       choices=SAMPLERS)
     eta: float = opt(0.0, "DDIM eta (0: deterministic)", min=0)
     seed: int = opt(0, "random seed", min=0)
     batch_size: int = opt(64, "images per forward", min=1)
@@ -232,7 +235,7 @@ class EvalConfig:
 
     num: int = opt(1000, "samples to generate when scoring a run", min=2, max=MAX_IMAGES)
     steps: int = opt(50, "sampling steps (at most the model's T)", min=1)
-    sampler: str = opt("iddpm", "iddpm | ddim", choices=("iddpm", "ddim"))
+    sampler: str = opt("iddpm", "iddpm | ddim | dpm-solver++ | unipc", choices=SAMPLERS)
     seed: int = opt(0, "random seed", min=0)
     batch_size: int = opt(64, "images per forward", min=1)
     reference: str = opt("teacher", "teacher | a folder of images | a statistics .npz")

@@ -25,7 +25,7 @@ from dkdm_cli._options import (
     TeacherOpt,
 )
 from dkdm_cli.checkpoint import refuse_run_internals
-from dkdm_cli.config import SampleConfig, class_list, load_config
+from dkdm_cli.config import SAMPLERS, SampleConfig, class_list, load_config
 from dkdm_cli.errors import UserError
 from dkdm_cli.precision import sampling_policy
 from dkdm_cli.sample import (
@@ -119,7 +119,7 @@ def sample(
         "--ema/--no-ema", help="Run directories: EMA weights (default) or the raw weights.")] = True,
     num: Annotated[Optional[int], typer.Option("--num", "-n", help="Number of images.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps.")] = None,
-    sampler: Annotated[Optional[str], typer.Option("--sampler", help="iddpm | ddim.")] = None,
+    sampler: Annotated[Optional[str], typer.Option("--sampler", help=" | ".join(SAMPLERS) + ".")] = None,
     eta: Annotated[Optional[float], typer.Option("--eta", help="DDIM eta.")] = None,
     seed: SeedOpt = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch.")] = None,

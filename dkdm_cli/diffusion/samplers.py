@@ -19,6 +19,13 @@ class Sampler(str, Enum):
 
     IDDPM = "iddpm"  # respaced ancestral sampling (Improved DDPM)
     DDIM = "ddim"
+    DPM_SOLVER = "dpm-solver++"  # DPM-Solver++(2M), diffusers' scheduler (diffusion/solvers.py)
+    UNIPC = "unipc"  # UniPC, diffusers' scheduler
+
+    @property
+    def solver(self) -> bool:
+        """A diffusers ODE solver on the full process (not a respaced dkdm chain)."""
+        return self in (Sampler.DPM_SOLVER, Sampler.UNIPC)
 
 
 def sampling_process(diffusion: GaussianDiffusion, steps: int | None, sampler: Sampler):
@@ -52,7 +59,12 @@ def sample(
     """Run the reverse chain from `noise` (B, C, H, W) to x_0; the same noise and generator give
     the same samples on the same device."""
     sampler = Sampler(sampler)
-    process = sampling_process(diffusion, steps, sampler)
+    process = sampling_process(diffusion, steps, sampler)  # also checks 1 <= steps <= T
+    if sampler.solver:
+        from dkdm_cli.diffusion.solvers import solve
+
+        return solve(model, diffusion, noise=noise, steps=steps or diffusion.num_timesteps,
+                     kind=sampler.value, clip_denoised=clip_denoised, on_step=on_step)
     x = noise
     n = process.num_timesteps
     for i in reversed(range(n)):
