@@ -118,7 +118,7 @@ def order_claim(rows, names: list[str]) -> str:
 
 def render(study, tables: list[int], default_student: str, doc: Path) -> None:
     """Write `doc` (and figures beside it) from every result of the study's scale."""
-    from study import variants
+    from study_plan import variants
 
     runs, teachers = load_results(study)
     table_variants = variants(default_student, study.scale.rho)
@@ -182,7 +182,7 @@ def render(study, tables: list[int], default_student: str, doc: Path) -> None:
 
 def _consistency_columns(rows, teachers):
     """Class consistency of the student, unguided and guided, with the teacher's in brackets."""
-    from study import CFG_MEASURED
+    from study_plan import CFG_MEASURED
 
     def column(key: str):
         def cell(r) -> str:
@@ -218,7 +218,7 @@ def _size_columns(study, rows):
 def _speeds(study, rows) -> dict[str, float]:
     """Sampling img/s of the teacher and each size's seed-0 student, measured side by side
     (cached in the results folder with the run it belongs to)."""
-    from study import sampling_speed
+    from study_plan import sampling_speed
 
     path = Path(study.results) / "speed.json"
     specs = {"teacher": "digits"}

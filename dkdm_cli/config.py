@@ -149,6 +149,8 @@ class StudentConfig:
 
     name: str = opt("unet-n", "student preset from `dkdm students`")
     kwargs: dict = opt({}, "overrides of the preset's arguments, e.g. {model_channels = 16}")
+    init: str = opt("", "start from these weights instead of random ones: a dkdm run directory "
+                    "(its EMA weights) or model file of the same preset and shape ('': random)")
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def test_sfid_of_identical_sets_is_zero_and_features_are_cached(inception_weight
     def no_network(*a, **k):
         raise AssertionError("features should have come from the cache")
 
-    monkeypatch.setattr("dkdm_cli.evaluate.build_extractor", no_network)
+    monkeypatch.setattr("dkdm_cli.evaluate.scoring.build_extractor", no_network)
     again = evaluate(str(tmp_path / "a.npz"), cfg=_cfg(inception_weights, str(tmp_path / "a.npz")),
                      metrics={"sfid"}, settings=FAST)
     assert again.values["sfid"] == pytest.approx(0.0, abs=1e-6)

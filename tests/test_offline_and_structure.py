@@ -184,7 +184,7 @@ def test_denoiser_is_the_public_teacher():
 def test_three_callers_share_one_resolver(monkeypatch, tiny_run_dir):
     from dkdm_cli import api
     from dkdm_cli.commands import sample as sample_cmd
-    from dkdm_cli.evaluate import _load_model
+    from dkdm_cli.evaluate.scoring import _load_model
     from dkdm_cli.teachers import spec
 
     calls = []

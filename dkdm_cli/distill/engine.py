@@ -36,8 +36,10 @@ from dkdm_cli.distill.saver import CheckpointWriter
 from dkdm_cli.distill.signals import StartupWatch, StopFlag, StoppedDuringStartup
 from dkdm_cli.distill.sources import build_source
 from dkdm_cli.distill.state import TrainState, student_settings
+from dkdm_cli.distill.warmstart import check_init
 from dkdm_cli.errors import ConfigError, ShapeMismatchError, TeacherError, TrainingError
 from dkdm_cli.models import count_parameters, create_model
+from dkdm_cli.models.io import load_state_strict
 from dkdm_cli.precision import Policy, compile_options, distill_policy
 from dkdm_cli.sample import initial_noise, save_grid, to_uint8
 from dkdm_cli.teachers.base import Teacher
@@ -138,6 +140,9 @@ class Distiller:
         self.seed = d.seed + info.rank
         torch.manual_seed(self.seed)
         student = build_student(cfg, teacher, self.device)
+        if cfg.student.init:  # a resumed run's checkpoint then replaces these weights
+            load_state_strict(student, check_init(cfg.student.init, student),
+                              source=cfg.student.init)
         opt = make_optimizer(student, d)
         self.state = TrainState(student=student, ema=EMA(student, rate=d.ema_rate, warmup=d.ema_warmup),
                                 opt=opt)
@@ -296,7 +301,9 @@ def check_before_start(cfg: Config, teacher: Teacher) -> None:
     settings that depend on the teacher."""
     T = teacher.diffusion.num_timesteps
     d = cfg.distill
-    build_student(cfg, teacher, torch.device("meta"))
+    student = build_student(cfg, teacher, torch.device("meta"))
+    if cfg.student.init:
+        check_init(cfg.student.init, student)
     check_labels_config(d, teacher)
     if d.grid_every and d.grid_steps > T:
         raise ConfigError(f"distill.grid_steps = {d.grid_steps}: the teacher has T = {T} steps; "

@@ -1,0 +1,57 @@
+"""`[student] init`: start the student from trained weights instead of random ones.
+
+The two-stage few-step recipe needs it (`dkdm distill` makes the small student, then
+`--objective consistency` makes it fast), and it is useful on its own (continue a student under
+other settings as a new run). The weights come from a dkdm run directory (its EMA weights, the
+ones `dkdm sample` uses) or a model file (an export); they must be of exactly the student this
+run builds (the same preset, arguments and shape, which the teacher decides), checked before
+the run directory is touched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dkdm_cli.errors import ConfigError
+
+
+def init_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, model spec as a dict) of the student at `path`: a run directory's EMA weights
+    or a model file's weights; a ConfigError naming the path when it is neither."""
+    from dkdm_cli.errors import DkdmError
+    from dkdm_cli.teachers.spec import load_denoiser
+
+    try:
+        denoiser = load_denoiser(Path(path), ema=True, students_only=True)
+    except DkdmError as exc:
+        raise ConfigError(f"student.init {path}: {exc}") from exc
+    spec = getattr(denoiser.model, "spec", None)
+    if spec is None:  # pragma: no cover - every dkdm model file and run records its spec
+        raise ConfigError(f"student.init {path}: the model records no architecture")
+    return denoiser.model.state_dict(), spec.to_dict()
+
+
+def check_init(path: str, student: nn.Module) -> dict[str, torch.Tensor]:
+    """The init weights at `path`, refused unless they fit `student` (built for this run's
+    teacher, possibly on the meta device) exactly."""
+    state, spec = init_weights(path)
+    want = student.spec.to_dict()
+    if spec["name"] != want["name"]:
+        raise ConfigError(f"student.init {path}: a {spec['name']} student, but this run trains "
+                          f"{want['name']}; use a run or export of the same preset")
+    if _normal(spec["kwargs"]) != _normal(want["kwargs"]):
+        diffs = sorted(k for k in set(spec["kwargs"]) | set(want["kwargs"])
+                       if _normal(spec["kwargs"]).get(k) != _normal(want["kwargs"]).get(k))
+        what = ", ".join(f"{k} {spec['kwargs'].get(k)!r} vs {want['kwargs'].get(k)!r}" for k in diffs)
+        raise ConfigError(f"student.init {path}: built with other arguments than this run's "
+                          f"student ({what}); it must come from the same preset for a teacher of "
+                          "the same shape")
+    return state
+
+
+def _normal(kwargs: dict) -> dict:
+    # JSON round trips turn tuples into lists; compare the values, not the container types.
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
