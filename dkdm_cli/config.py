@@ -253,7 +253,8 @@ class EvalConfig:
 class ExportConfig:
     """[export]: shipping a student."""
 
-    format: str = opt("safetensors", "safetensors | onnx", choices=("safetensors", "onnx"))
+    format: str = opt("safetensors", "safetensors (a dkdm model file) | onnx (the denoiser) | "
+                      "diffusers (a pipeline folder)", choices=("safetensors", "onnx", "diffusers"))
     ema: bool = opt(True, "export the EMA weights")
 
 
