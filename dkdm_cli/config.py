@@ -137,7 +137,8 @@ def opt(default: Any, doc: str, *, min: float | None = None, max: float | None =
 class TeacherConfig:
     """[teacher]: which pretrained model to learn from."""
 
-    name: str = opt("digits", "teacher spec: a registered name, hf:ORG/NAME[@REV], or a path")
+    name: str = opt("digits", "teacher spec: a registered name, hf:ORG/NAME[@REV], a path, or "
+                    "py:FILE.py:FUNCTION (your own model, docs/bring-your-own-teacher.md)")
     arch: str = opt("", "architecture preset for improved/guided-diffusion .pt checkpoints")
     arch_kwargs: dict = opt({}, "architecture flags for .pt checkpoints (num_channels, ...)")
 

@@ -148,6 +148,7 @@ def make_run_dir(run_dir: Path, teacher_file: Path, *, student: str = "unet-t",
     every key the checkpoint format requires."""
     from dkdm_cli.checkpoint import checkpoint_path, save_checkpoint
     from dkdm_cli.config import Config
+    from dkdm_cli.distill.runs import teacher_reference
     from dkdm_cli.distill.state import student_settings
     from dkdm_cli.teachers.spec import resolve_teacher
 
@@ -168,7 +169,7 @@ def make_run_dir(run_dir: Path, teacher_file: Path, *, student: str = "unet-t",
     cfg = Config().to_dict()
     cfg["teacher"]["name"] = str(teacher_file)
     cfg["student"].update(name=student, kwargs=kwargs)
-    spec = str(Path(teacher_file).resolve())
+    spec = teacher_reference(str(teacher_file))  # as the engine records it
     doc = {"step": step, "model": model.spec.to_dict(),
            "diffusion": student_settings(teacher.settings).to_dict(),
            "sample_shape": [c, size, size], "teacher": spec,
