@@ -55,6 +55,31 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """A temp folder beside `path` to fill; on success it replaces `path` (a folder the caller
+    has checked may be replaced) by renames, on any failure it is removed and `path` is as it
+    was. A crash between the two renames leaves the old folder as `.<name>.<random>.old`."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; use the usual mode
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old)  # renames a folder onto the empty temp folder
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Call `write(fh)` on a binary temp file, then move it to `path` atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:

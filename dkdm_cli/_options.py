@@ -26,7 +26,8 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress outpu
 TeacherOpt = Annotated[
     Optional[str],
     typer.Option("--teacher", "-t", help="Teacher spec: a name from `dkdm teachers`, "
-                 "hf:ORG/NAME[@REV], or a path.", show_default=False),
+                 "hf:ORG/NAME[@REV], a path, or py:FILE.py:FUNCTION (your own model; runs that "
+                 "code).", show_default=False),
 ]
 StudentOpt = Annotated[
     Optional[str],

@@ -138,7 +138,8 @@ def opt(default: Any, doc: str, *, min: float | None = None, max: float | None =
 class TeacherConfig:
     """[teacher]: which pretrained model to learn from."""
 
-    name: str = opt("digits", "teacher spec: a registered name, hf:ORG/NAME[@REV], or a path")
+    name: str = opt("digits", "teacher spec: a registered name, hf:ORG/NAME[@REV], a path, or "
+                    "py:FILE.py:FUNCTION (your own model, docs/bring-your-own-teacher.md)")
     arch: str = opt("", "architecture preset for improved/guided-diffusion .pt checkpoints")
     arch_kwargs: dict = opt({}, "architecture flags for .pt checkpoints (num_channels, ...)")
 
@@ -258,7 +259,8 @@ class EvalConfig:
 class ExportConfig:
     """[export]: shipping a student."""
 
-    format: str = opt("safetensors", "safetensors | onnx", choices=("safetensors", "onnx"))
+    format: str = opt("safetensors", "safetensors (a dkdm model file) | onnx (the denoiser) | "
+                      "diffusers (a pipeline folder)", choices=("safetensors", "onnx", "diffusers"))
     ema: bool = opt(True, "export the EMA weights")
 
 

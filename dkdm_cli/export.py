@@ -7,8 +7,13 @@ onnx         the denoiser alone: inputs x float32 (B, C, H, W) and t float32 (B,
              own timestep input), output (B, C or 2C, H, W); batch size dynamic. Checked with
              onnxruntime against PyTorch before it is moved into place: a max abs difference
              above ONNX_TOLERANCE is an error and leaves nothing behind.
-Either way a README.md model card is written beside the file: configuration, step, weights
-(EMA or raw) and the run's latest metrics (the last line of metrics.jsonl).
+diffusers    a folder that `DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)` loads
+             without dkdm: the student, a scheduler with its noise process and sampler, the
+             pipeline, and for latent students the teacher's autoencoder (diffusers_export/).
+             dkdm reads it back as a teacher or a model (`--teacher DIR`, `--model DIR`).
+A README.md model card is written beside the file (inside the folder for diffusers):
+configuration, step, weights (EMA or raw), the teacher and its license where known, and the
+run's latest metrics (the last line of metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from dkdm_cli.checkpoint import Checkpoint, load_latest, refuse_run_internals, s
 from dkdm_cli.errors import CheckpointError, ExportCheckError, UserError
 from dkdm_cli.models import count_parameters
 
-FORMATS = ("safetensors", "onnx")
+FORMATS = ("safetensors", "onnx", "diffusers")
+FOLDER_FORMATS = ("diffusers",)  # written as a folder, not a file
 ONNX_TOLERANCE = 1e-4
 ONNX_OPSET = 18
 CARD_MARKER = "<!-- written by dkdm export -->"
@@ -49,6 +55,7 @@ class ExportResult:
     exporter: str = ""
     max_abs_diff: float | None = None
     checked_batches: list[int] = field(default_factory=list)
+    num_classes: int = 0  # a class-conditional student's classes
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -56,8 +63,25 @@ class ExportResult:
 
 
 def default_out(run_dir: Path, fmt: str) -> Path:
-    """<run_dir>/export/<run name>.<format>."""
-    return Path(run_dir) / "export" / f"{Path(run_dir).resolve().name}.{fmt}"
+    """<run_dir>/export/<run name>.<format> (a folder <run name>-diffusers for diffusers)."""
+    name = Path(run_dir).resolve().name
+    return Path(run_dir) / "export" / (f"{name}-{fmt}" if fmt in FOLDER_FORMATS else f"{name}.{fmt}")
+
+
+def check_out(out: Path, fmt: str) -> None:
+    """Refuse an --out the format cannot be written to, before any work."""
+    if fmt not in FOLDER_FORMATS:
+        if out.suffix != f".{fmt}":
+            raise UserError(f"--out {out}: a {fmt} export must end in .{fmt}")
+        _fs.check_target(out, flag="--out", folder=False)
+    else:
+        from dkdm_cli.diffusers_export.layout import is_export_folder
+
+        _fs.check_target(out, flag="--out", folder=True)
+        if out.is_dir() and any(out.iterdir()) and not is_export_folder(out):
+            raise UserError(f"--out {out}: a folder that is not a dkdm diffusers export; choose a "
+                            "new or empty folder (an earlier export there is replaced)")
+    refuse_run_internals(out, flag="--out")
 
 
 def export_doc(ckpt: Checkpoint, run_dir: Path, *, ema: bool) -> dict[str, Any]:
@@ -111,23 +135,29 @@ def export_student(run_dir: Path, *, fmt: str = "safetensors", out: Path | None 
     if not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir}: no such folder")
     out = Path(out) if out is not None else default_out(run_dir, fmt)
-    if out.suffix != f".{fmt}":
-        raise UserError(f"--out {out}: a {fmt} export must end in .{fmt}")
-    _fs.check_target(out, flag="--out", folder=False)
-    refuse_run_internals(out, flag="--out")
+    check_out(out, fmt)
     ckpt = load_latest(run_dir, warn=_console.warn)
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: the run has no checkpoint yet")
     extra = export_doc(ckpt, run_dir, ema=ema)
     model = student_from_checkpoint(ckpt, ema=ema).eval()
     result = ExportResult(path=str(out), format=fmt, step=ckpt.step, ema=ema,
-                          parameters=count_parameters(model), architecture=model.spec.name)
+                          parameters=count_parameters(model), architecture=model.spec.name,
+                          num_classes=int(getattr(model, "num_classes", 0) or 0))
     if fmt == "safetensors":
         from dkdm_cli.models.io import read_model_doc, save_model
 
         save_model(model, out, extra=extra)  # atomic
         read_model_doc(out)  # readable back, or ModelFileError now rather than at load time
         result.exporter = "dkdm model file"
+    elif fmt == "diffusers":
+        from dkdm_cli.diffusers_export.folder import export_folder
+
+        result.exporter = "diffusers pipeline (DKDMPipeline, trust_remote_code)"
+        export_folder(model, out, extra=extra, result=result,
+                      card=lambda folder: model_card(out, run_dir, extra, result))
+        result.card = str(out / "README.md")
+        return result
     else:
         export_onnx(model, out, extra=extra, result=result)
     result.card = str(write_model_card(out, run_dir, extra, result))
@@ -240,42 +270,98 @@ def _config_text(config: dict[str, Any] | None) -> str:
         return json.dumps(config, indent=1)
 
 
-def model_card(out: Path, run_dir: Path, extra: dict[str, Any], result: ExportResult) -> str:
-    """The README.md text for an export."""
+def teacher_license(spec: str) -> str:
+    """What is known of the license of the teacher a student comes from (following a chain of
+    students back to the first teacher), for the model card."""
+    from dkdm_cli.teachers.registry import TEACHERS
+
+    origin = original_teacher(spec)
+    if origin in TEACHERS:
+        entry = TEACHERS.create(origin)
+        if entry.license:
+            return (f"`{entry.license}`, as published with `{entry.source}`. The student is "
+                    "derived from the teacher's weights: respect the teacher's license")
+        return f"not recorded by dkdm: check the license published with `{entry.source}`"
+    return f"unknown to dkdm: check the teacher's own license (`{origin}`)"
+
+
+def original_teacher(spec: str, *, hops: int = 8) -> str:
+    """The first teacher of a chain (a student of a student ...): run directories, dkdm model
+    files and exports record the spec they were distilled from."""
+    from dkdm_cli.errors import DkdmError
+    from dkdm_cli.teachers.spec import classify, recorded_parent
+
+    for _ in range(hops):
+        try:
+            parent = recorded_parent(spec, kind=classify(spec))
+        except DkdmError:
+            return spec
+        if not parent:
+            return spec
+        spec = parent
+    return spec
+
+
+def _rows(extra: dict[str, Any], result: ExportResult, out: Path) -> list[tuple[str, str]]:
     diff, shape = extra["diffusion"], extra["sample_shape"]
     teacher = extra["teacher"]["spec"]
-    dist = extra["distillation"]
-    metrics = latest_metrics(run_dir)
     rows = [
         ("file", f"`{out.name}` ({result.format}, {result.exporter})"),
         ("architecture", f"`{result.architecture}`"),
         ("parameters", f"{result.parameters:,}"),
         ("teacher", f"`{teacher}`"),
+        ("teacher license", teacher_license(teacher)),
         ("step", str(result.step)),
         ("weights", "EMA" if result.ema else "raw (not EMA)"),
         ("sample shape (C, H, W)", " x ".join(str(s) for s in shape)),
         ("diffusion", f"{diff.get('schedule')} schedule, T = {diff.get('num_timesteps')}, "
                       f"{diff.get('prediction')} prediction, {diff.get('variance')} variance, "
+                      f"x0 {'clipped to [-1, 1]' if diff.get('clip_denoised') else 'not clipped'}, "
                       f"timestep scale {diff.get('timestep_scale', 1.0)}"),
     ]
     if extra.get("autoencoder_from"):
         rows.append(("autoencoder", f"decode samples with `{extra['autoencoder_from']}`'s"))
     if result.max_abs_diff is not None:
-        rows.append(("ONNX check", f"max abs difference to PyTorch {result.max_abs_diff:.2e} "
-                                   f"(batches {result.checked_batches}, tolerance {ONNX_TOLERANCE:g})"))
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    use = (f"dkdm sample --model {out.name} --num 64 --out samples --grid grid.png\n"
-           f"dkdm eval {out.name} --fid --num 1000" if result.format == "safetensors" else
-           "# inputs: x float32 (B, C, H, W); t float32 (B,) = process step x timestep scale\n"
-           f"import onnxruntime; s = onnxruntime.InferenceSession('{out.name}')\n"
-           "out = s.run(['output'], {'x': x, 't': t})[0]  # (B, C or 2C, H, W)")
+        what = "ONNX" if result.format == "onnx" else "diffusers load"
+        rows.append((f"{what} check", f"max abs difference to PyTorch {result.max_abs_diff:.2e}"
+                     + (f" (batches {result.checked_batches}, tolerance {ONNX_TOLERANCE:g})"
+                        if result.format == "onnx" else "")))
+    return rows
+
+
+def _use(out: Path, result: ExportResult, extra: dict[str, Any]) -> str:
+    if result.format == "safetensors":
+        return (f"```\ndkdm sample --model {out.name} --num 64 --out samples --grid grid.png\n"
+                f"dkdm eval {out.name} --fid --num 1000\n```")
+    if result.format == "onnx":
+        return ("```\n# inputs: x float32 (B, C, H, W); t float32 (B,) = process step x timestep "
+                f"scale\nimport onnxruntime; s = onnxruntime.InferenceSession('{out.name}')\n"
+                "out = s.run(['output'], {'x': x, 't': t})[0]  # (B, C or 2C, H, W)\n```")
+    from dkdm_cli.diffusers_export.card import diffusers_use
+
+    return diffusers_use(out, extra, num_classes=result.num_classes)
+
+
+def model_card(out: Path, run_dir: Path, extra: dict[str, Any], result: ExportResult) -> str:
+    """The README.md text for an export."""
+    dist = extra["distillation"]
+    metrics = latest_metrics(run_dir)
+    table = "\n".join(f"| {k} | {v} |" for k, v in _rows(extra, result, out))
     metric_text = (f"```json\n{json.dumps(metrics, indent=1)}\n```" if metrics else
                    "No metrics.jsonl in the run directory.")
-    return (f"{CARD_MARKER}\n# {dist['run']}: a DKDM student\n\n"
-            f"Distilled from `{teacher}` without its training data (DKDM, CVPR 2025) by "
-            f"dkdm {__version__}.\n\n| | |\n|---|---|\n{table}\n\n"
-            f"## Use\n\n```\n{use}\n```\n\n## Latest metrics (last line of metrics.jsonl)\n\n"
-            f"{metric_text}\n\n## Configuration\n\n```toml\n{_config_text(dist.get('config'))}\n```\n")
+    front = ""
+    if result.format == "diffusers":
+        from dkdm_cli.diffusers_export.card import front_matter
+
+        front = front_matter(original_teacher(extra["teacher"]["spec"]),
+                             num_classes=result.num_classes)
+    return (f"{front}{CARD_MARKER}\n# {dist['run']}: a DKDM student\n\n"
+            f"Distilled from `{extra['teacher']['spec']}` without its training data (data-free "
+            f"knowledge distillation, DKDM, CVPR 2025) by dkdm {__version__}.\n\n"
+            f"| | |\n|---|---|\n{table}\n\n## Use\n\n{_use(out, result, extra)}\n\n"
+            f"## Latest metrics (last line of metrics.jsonl)\n\n{metric_text}\n\n"
+            "Scores against the teacher: `dkdm eval MODEL --fid --num 1000` (MODEL: this export).\n\n"
+            f"## Configuration\n\n```toml\n{_config_text(dist.get('config'))}\n```\n")
 
 
 def write_model_card(out: Path, run_dir: Path, extra: dict[str, Any], result: ExportResult) -> Path:

@@ -144,18 +144,21 @@ def make_run_dir(run_dir: Path, teacher_file: Path, *, student: str = "unet-t",
                  student_kwargs: dict | None = None, step: int = 12, seed: int = 0,
                  metrics: list[dict] | None = None) -> Path:
     """A run directory whose one checkpoint holds a tiny student (raw weights and a different EMA
-    copy) of `teacher_file`, with every key the checkpoint format requires."""
+    copy) of `teacher_file` (any teacher spec: a latent one records its autoencoder), with
+    every key the checkpoint format requires."""
     from dkdm_cli.checkpoint import checkpoint_path, save_checkpoint
     from dkdm_cli.config import Config
-    from dkdm_cli.models.io import read_model_doc
+    from dkdm_cli.distill.runs import teacher_reference
+    from dkdm_cli.distill.state import student_settings
+    from dkdm_cli.teachers.spec import resolve_teacher
 
-    tdoc = read_model_doc(teacher_file)
-    kw = tdoc["model"]["kwargs"]
+    teacher = resolve_teacher(str(teacher_file))
+    c, size, _ = teacher.sample_shape
     kwargs = dict(student_kwargs if student_kwargs is not None else
                   (TINY_UNET if student.startswith("unet") else TINY_DIT))
     torch.manual_seed(seed)
-    model = create_model(student, image_size=kw["image_size"], in_channels=kw["in_channels"],
-                         learn_sigma=kw["learn_sigma"], **kwargs)
+    model = create_model(student, image_size=size, in_channels=c,
+                         learn_sigma=teacher.learn_sigma, **kwargs)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # no zero-initialised outputs
@@ -166,9 +169,11 @@ def make_run_dir(run_dir: Path, teacher_file: Path, *, student: str = "unet-t",
     cfg = Config().to_dict()
     cfg["teacher"]["name"] = str(teacher_file)
     cfg["student"].update(name=student, kwargs=kwargs)
-    doc = {"step": step, "model": model.spec.to_dict(), "diffusion": tdoc["diffusion"],
-           "sample_shape": [kw["in_channels"], kw["image_size"], kw["image_size"]],
-           "teacher": str(Path(teacher_file).resolve()), "autoencoder_from": None, "config": cfg,
+    spec = teacher_reference(str(teacher_file))  # as the engine records it
+    doc = {"step": step, "model": model.spec.to_dict(),
+           "diffusion": student_settings(teacher.settings).to_dict(),
+           "sample_shape": [c, size, size], "teacher": spec,
+           "autoencoder_from": spec if teacher.autoencoder is not None else None, "config": cfg,
            "optim_param_groups": [], "ema_num_updates": step}
     save_checkpoint(checkpoint_path(run_dir, step), tensors, doc)
     for record in metrics or []:

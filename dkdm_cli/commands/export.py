@@ -1,4 +1,5 @@
-"""`dkdm export`: a run's student as a model file (safetensors) or ONNX, with a model card."""
+"""`dkdm export`: a run's student as a model file (safetensors), ONNX or a diffusers pipeline
+folder, with a model card."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dkdm_cli import _console
 from dkdm_cli._options import ConfigOpt, JsonOpt, QuietOpt, SetOpt
 from dkdm_cli.config import load_config
 from dkdm_cli.errors import UserError
-from dkdm_cli.export import FORMATS, export_student
+from dkdm_cli.export import FOLDER_FORMATS, FORMATS, export_student
 
 
 def export(
@@ -19,11 +20,11 @@ def export(
         "--run-dir", help="The run directory to export from (its newest checkpoint).",
         show_default=False)],
     fmt: Annotated[Optional[str], typer.Option(
-        "--format", "-f", help="safetensors (a dkdm model file) | onnx (the denoiser).",
-        show_default=False)] = None,
+        "--format", "-f", help="safetensors (a dkdm model file) | onnx (the denoiser) | "
+        "diffusers (a folder for DiffusionPipeline.from_pretrained).", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Output file (default: RUN_DIR/export/<run>.<format>).",
-        show_default=False)] = None,
+        "--out", "-o", help="Output file, or folder for diffusers (default: "
+        "RUN_DIR/export/<run>.<format>, or <run>-diffusers/).", show_default=False)] = None,
     ema: Annotated[Optional[bool], typer.Option(
         "--ema/--no-ema", help="Export the EMA weights (default) or the raw ones.",
         show_default=False)] = None,
@@ -35,11 +36,12 @@ def export(
     """Export a distilled student, ready to share, sample or serve.
 
     Example: dkdm export --run-dir runs/digits-unet-n --format onnx --out student.onnx
+    Diffusers: dkdm export --run-dir runs/digits-unet-n --format diffusers --out digits-student
     """
     if fmt is None and out is not None and out.suffix.lstrip(".") in FORMATS:
         fmt = out.suffix.lstrip(".")  # --out student.onnx says which format
     cfg = load_config(config, flags={"export": dict(format=fmt, ema=ema)}, sets=set_).export
-    if out is not None and out.suffix != f".{cfg.format}":
+    if out is not None and cfg.format not in FOLDER_FORMATS and out.suffix != f".{cfg.format}":
         raise UserError(f"--out {out}: a {cfg.format} export must end in .{cfg.format}")
     result = export_student(run_dir, fmt=cfg.format, out=out, ema=cfg.ema)
     if json_out:

@@ -27,6 +27,12 @@ RESUMABLE = {
 
 def teacher_label(spec: str) -> str:
     """A file-name-safe short name for a teacher spec."""
+    if spec.startswith("py:"):  # py:dir/my_ddpm.py:teacher -> my_ddpm-teacher
+        from dkdm_cli.teachers.pyfunc import parse_spec
+
+        target, function = parse_spec(spec)
+        stem = Path(target).stem if target.endswith(".py") else target.rsplit(".", 1)[-1]
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{stem}-{function}")
     base = spec[3:] if spec.startswith("hf:") else spec
     base = Path(base.rstrip("/")).name or base
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", base.replace(".safetensors", "")).strip("-") or "teacher"
@@ -202,8 +208,12 @@ def teacher_reference(spec: str) -> str:
     from dkdm_cli.teachers.spec import classify
 
     kind = classify(spec)
-    if kind in ("model_file", "run_dir", "diffusers_dir", "adm_checkpoint"):
+    if kind in ("model_file", "run_dir", "dkdm_export", "diffusers_dir", "adm_checkpoint"):
         return str(Path(spec).expanduser().resolve())
+    if kind == "py":
+        from dkdm_cli.teachers.pyfunc import canonical_spec
+
+        return canonical_spec(spec)
     return spec
 
 

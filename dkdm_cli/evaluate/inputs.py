@@ -309,6 +309,11 @@ def teacher_identity(spec: str) -> str:
     """What a cached teacher reference depends on besides the spec: for local files and folders
     their sizes and modification times, so a retrained teacher at the same path is not reused."""
     path = Path(spec).expanduser()
+    if spec.startswith("py:"):  # your code: the file's stamp (a module: its spec alone)
+        from dkdm_cli.teachers.pyfunc import parse_spec
+
+        target = parse_spec(spec)[0]
+        path = Path(target).expanduser() if target.endswith(".py") else path
     if not path.exists():
         from dkdm_cli.teachers.builtin import builtin_weights
 

@@ -59,7 +59,11 @@ class DiT(nn.Module):
         hidden_size: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
         frequency_embedding_size: int = 256, num_classes: int = 0, class_null: bool = False,
     ) -> None:
+        # Every constructor argument as given: a diffusers export rebuilds this exact network
+        # from them (dkdm_cli/diffusers_export), where a ModelSpec names only the preset.
+        init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.init_kwargs = init_kwargs
         if image_size % patch_size:
             raise ShapeMismatchError(
                 f"patch size {patch_size} does not divide image size {image_size}; "

@@ -71,8 +71,10 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], *, sourc
     model.load_state_dict(state, strict=True, assign=assign)
 
 
-def save_model(model: nn.Module, path: Path, *, extra: dict[str, Any] | None = None) -> None:
-    """Save `model` (which must carry `.spec`) with optional extra metadata (e.g. diffusion)."""
+def save_model(model: nn.Module, path: Path, *, extra: dict[str, Any] | None = None,
+               metadata: dict[str, str] | None = None) -> None:
+    """Save `model` (which must carry `.spec`) with optional extra document fields (e.g.
+    diffusion) and header `metadata` beside dkdm's own entry (e.g. {"format": "pt"})."""
     model = getattr(model, "_orig_mod", model)  # never save a compiled wrapper's prefixes
     spec: ModelSpec | None = getattr(model, "spec", None)
     if spec is None:
@@ -81,7 +83,7 @@ def save_model(model: nn.Module, path: Path, *, extra: dict[str, Any] | None = N
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "dkdm_version": __version__,
            "model": spec.to_dict(), **(extra or {})}
     state = {k: v for k, v in model.state_dict().items()}
-    atomic_save_safetensors(state, Path(path), {META_KEY: json.dumps(doc)})
+    atomic_save_safetensors(state, Path(path), {**(metadata or {}), META_KEY: json.dumps(doc)})
 
 
 def read_model_doc(path: Path) -> dict[str, Any]:

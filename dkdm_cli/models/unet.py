@@ -40,7 +40,11 @@ class UNet(nn.Module):
         resblock_updown: bool = False, conv_resample: bool = True, num_classes: int = 0,
         class_null: bool = False,
     ) -> None:
+        # Every constructor argument as given: a diffusers export rebuilds this exact network
+        # from them (dkdm_cli/diffusers_export), where a ModelSpec names only the preset.
+        init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.init_kwargs = init_kwargs
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.stride = 2 ** (len(channel_mult) - 1)
         emb_dim = model_channels * 4

@@ -243,6 +243,9 @@ class TeacherEntry:
     decode_note: str = ""  # where decode_scale comes from
     num_classes: int = 0  # class-conditional teachers: real classes 0..num_classes-1 (0: none)
     null_class: int | None = None  # the "no class" label (classifier-free guidance), if any
+    # The license the weights are published under, where dkdm has checked it ("": not known;
+    # an export's model card then says to check `source`).
+    license: str = ""
 
     def row(self, *, cached: bool) -> dict[str, Any]:
         """The entry as `dkdm teachers --json` prints it."""
@@ -251,5 +254,5 @@ class TeacherEntry:
                 "channels": self.channels, "parameters": self.parameters, "latent": self.latent,
                 "weights": self.weights, "decode_scale": self.decode_scale,
                 "decode_note": self.decode_note, "num_classes": self.num_classes,
-                "null_class": self.null_class, "cached": cached,
+                "null_class": self.null_class, "license": self.license, "cached": cached,
                 "recommended": recommended_for(self.name)}

@@ -24,13 +24,15 @@ def _loader(name: str):
     return load
 
 
+# dkdm's own license: the weights were trained by dkdm on scikit-learn's bundled digits.
+_LICENSE = "MIT (dkdm's)"
 _SOURCE = "built-in (trained by scripts/train_digits_teacher.py on scikit-learn's digits)"
 register_teacher(TeacherEntry(
     name="digits", source=_SOURCE,
     description="16x16 grey handwritten digits, unet-t, cosine T=1000, learned variance",
     image_size=16, channels=1, parameters=679_226, load=_loader("digits"),
     is_cached=lambda: builtin_weights("digits").is_file(),
-    weights="safetensors shipped in the package",
+    weights="safetensors shipped in the package", license=_LICENSE,
 ))
 register_teacher(TeacherEntry(
     name="digits-cond", source=_SOURCE,
@@ -39,5 +41,5 @@ register_teacher(TeacherEntry(
     image_size=16, channels=1, parameters=680_282, load=_loader("digits-cond"),
     num_classes=10, null_class=10,
     is_cached=lambda: builtin_weights("digits-cond").is_file(),
-    weights="safetensors shipped in the package",
+    weights="safetensors shipped in the package", license=_LICENSE,
 ))

@@ -34,18 +34,41 @@ def _attach_autoencoder(denoiser: Denoiser, doc: dict[str, Any], *, device: str,
     return denoiser
 
 
-def load_model_file_teacher(path: Path, *, name: str | None = None, device: str = "cpu",
-                            resolve: Resolver | None = None) -> Denoiser:
-    """A teacher from a dkdm model file that carries diffusion settings."""
+def _file_denoiser(path: Path, *, name: str, device: str) -> tuple[Denoiser, dict[str, Any]]:
+    """(denoiser without its autoencoder, document) from a dkdm model file."""
     model, doc = load_model(Path(path), device=device)
     if "diffusion" not in doc:
         raise TeacherError(f"{path}: model file has no diffusion settings, so it cannot teach")
     settings = DiffusionSettings.from_dict(doc["diffusion"])
     kw = doc["model"]["kwargs"]
     shape = (int(kw["in_channels"]), int(kw["image_size"]), int(kw["image_size"]))
-    denoiser = Denoiser(name=name or Path(path).stem, model=model, settings=settings,
-                        sample_shape=shape, source=str(path), info=doc.get("teacher", {}))
+    return Denoiser(name=name, model=model, settings=settings, sample_shape=shape,
+                    source=str(path), info=doc.get("teacher", {})), doc
+
+
+def load_model_file_teacher(path: Path, *, name: str | None = None, device: str = "cpu",
+                            resolve: Resolver | None = None) -> Denoiser:
+    """A teacher from a dkdm model file that carries diffusion settings."""
+    denoiser, doc = _file_denoiser(path, name=name or Path(path).stem, device=device)
     return _attach_autoencoder(denoiser, doc, device=device, resolve=resolve)
+
+
+def load_export_teacher(folder: Path, *, device: str = "cpu") -> Denoiser:
+    """A dkdm diffusers export (diffusers_export/layout.py) as a teacher or a model: its weights
+    file is a dkdm model file, and a latent one decodes with the folder's own vae/."""
+    from dkdm_cli.diffusers_export.layout import AUTOENCODER, WEIGHTS, model_folder
+    from dkdm_cli.teachers.autoencoders import load_autoencoder
+
+    folder = Path(folder)
+    component = model_folder(folder)
+    if component is None:
+        raise TeacherError(f"{folder}: a dkdm diffusers export without unet/{WEIGHTS} or "
+                           f"transformer/{WEIGHTS}")
+    denoiser, _doc = _file_denoiser(component / WEIGHTS, name=folder.name, device=device)
+    denoiser.source = str(folder)
+    if (folder / AUTOENCODER / "config.json").is_file():
+        denoiser.autoencoder = load_autoencoder(folder / AUTOENCODER).to(device)
+    return denoiser
 
 
 def load_run_teacher(run_dir: Path, *, ema: bool = True, device: str = "cpu",

@@ -104,7 +104,7 @@ def _hub_entry(name: str, repo: str, description: str, *, size: int, channels: i
                parameters: int | None, latent: bool = False, revision: str | None = None,
                weights: str = "", decode_scale: float | None = None,
                decode_note: str = "", num_classes: int = 0,
-               null_class: int | None = None) -> TeacherEntry:
+               null_class: int | None = None, license: str = "") -> TeacherEntry:
     from dkdm_cli.teachers.hub import is_hub_cached, load_hub_teacher
 
     spec = f"{repo}@{revision}" if revision else repo
@@ -116,7 +116,8 @@ def _hub_entry(name: str, repo: str, description: str, *, size: int, channels: i
                         channels=channels, parameters=parameters, load=load,
                         is_cached=partial(is_hub_cached, repo, revision), latent=latent,
                         revision=revision, weights=weights, decode_scale=decode_scale,
-                        decode_note=decode_note, num_classes=num_classes, null_class=null_class)
+                        decode_note=decode_note, num_classes=num_classes, null_class=null_class,
+                        license=license)
 
 
 def _direct_entry(name: str, url: str, arch: str, description: str, *, size: int,
@@ -151,6 +152,8 @@ _BIN_ONLY = ("diffusion_pytorch_model.bin from main (no safetensors known), read
 _EITHER = ("main's diffusion_pytorch_model.safetensors where the revision has them, else its .bin "
            "read with torch.load(weights_only=True)")
 _NO_NULL = "; 1000 ImageNet classes, no null class (no --cfg)"
+# What the repository's model card declares (its README's `license:`), checked for these two.
+_APACHE = "apache-2.0"
 
 # Parameter counts are exact: tests rebuild each architecture on the meta device from the hub's
 # own config files (tests/fixtures/hub/) and each ADM preset from its flags.
@@ -158,14 +161,14 @@ for _entry in (
     _hub_entry("ddpm-cifar10", "google/ddpm-cifar10-32",
                "DDPM (Ho et al.) CIFAR-10 32x32, linear T=1000, eps, fixed-large variance",
                size=32, channels=3, parameters=35_746_307, revision="refs/pr/14",
-               weights=_PR_SAFETENSORS.format(rev="refs/pr/14")),
+               weights=_PR_SAFETENSORS.format(rev="refs/pr/14"), license=_APACHE),
     _hub_entry("ddpm-celebahq", "google/ddpm-ema-celebahq-256",
                "DDPM (Ho et al.) CelebA-HQ 256x256 (EMA weights), linear T=1000, eps",
                size=256, channels=3, parameters=113_673_219, weights=_BIN_ONLY),
     _hub_entry("ldm-celebahq", "CompVis/ldm-celebahq-256",
                "LDM-VQ-f4 CelebA-HQ 256x256: 64x64x3 latents, T=1000, eps (the paper's latent teacher)",
                size=64, channels=3, parameters=274_056_163, latent=True, revision="refs/pr/7",
-               weights=_PR_SAFETENSORS.format(rev="refs/pr/7"), decode_scale=1.0,
+               weights=_PR_SAFETENSORS.format(rev="refs/pr/7"), decode_scale=1.0, license=_APACHE,
                decode_note="vqvae/config.json has no scaling_factor: LDM's VQ-f4 autoencoder was "
                            "trained at scale 1 (diffusers' VQModel default 0.18215 would be wrong)"),
     _hub_entry("dit-xl2-256", "facebook/DiT-XL-2-256",

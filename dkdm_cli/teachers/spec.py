@@ -6,7 +6,11 @@ A spec says where the teacher comes from:
   ./path/                     a diffusers folder, or a dkdm run directory
   ./model.safetensors         a dkdm model file (an export, or a built-in teacher)
   ./ckpt.pt                   an improved/guided-diffusion state dict (give its architecture)
-Anything else is refused with how to fix it.
+  ./export/                   a dkdm diffusers export (`dkdm export --format diffusers`)
+  py:FILE.py:FUNCTION         your own model: FUNCTION() returns dkdm_cli.api.denoiser(...)
+  py:package.module:FUNCTION  the same from an importable module (teachers/pyfunc.py)
+Anything else is refused with how to fix it. `python:NAME` is how a run records a teacher that
+was handed to dkdm_cli.api.distill as an object: it cannot be loaded again by that name.
 """
 
 from __future__ import annotations
@@ -20,16 +24,28 @@ from dkdm_cli.teachers.registry import TEACHERS  # filled by dkdm_cli/teachers/_
 ADM_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
+IN_MEMORY = "python:"  # the spec a run records for a teacher object given to api.distill
+
+
 def classify(spec: str) -> str:
-    """One of: registered, hub, run_dir, diffusers_dir, model_file, adm_checkpoint."""
+    """One of: registered, hub, py, in_memory, run_dir, dkdm_export, diffusers_dir, model_file,
+    adm_checkpoint."""
+    from dkdm_cli.diffusers_export.layout import is_export_folder
+
     if spec.startswith("hf:"):
         return "hub"
+    if spec.startswith("py:"):
+        return "py"
+    if spec.startswith(IN_MEMORY):
+        return "in_memory"
     if spec in TEACHERS:
         return "registered"
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "checkpoints").is_dir() or (path / "config.resolved.toml").is_file():
             return "run_dir"
+        if is_export_folder(path):
+            return "dkdm_export"
         if any((path / p).exists() for p in ("model_index.json", "unet", "transformer",
                                                "config.json")):
             return "diffusers_dir"
@@ -75,6 +91,18 @@ def resolve_teacher(
         from dkdm_cli.teachers.hub import load_hub_teacher
 
         return load_hub_teacher(spec[3:], device=device)
+    if kind == "py":
+        from dkdm_cli.teachers.pyfunc import load_py_teacher
+
+        return load_py_teacher(spec, device=device)
+    if kind == "in_memory":
+        raise TeacherError(f"{spec}: a teacher built in Python (dkdm_cli.api.denoiser) and given "
+                           "to dkdm as an object; it cannot be loaded again by this name. Give it "
+                           "as py:FILE.py:FUNCTION to use it here")
+    if kind == "dkdm_export":
+        from dkdm_cli.teachers.native import load_export_teacher
+
+        return load_export_teacher(Path(spec), device=device)
     if kind == "diffusers_dir":
         from dkdm_cli.teachers.diffusers_folder import load_diffusers_teacher
 
@@ -84,7 +112,7 @@ def resolve_teacher(
     return load_adm_teacher(Path(spec), arch=arch, arch_kwargs=arch_kwargs or {}, device=device)
 
 
-STUDENT_KINDS = ("run_dir", "model_file")
+STUDENT_KINDS = ("run_dir", "model_file", "dkdm_export")
 
 
 def load_denoiser(spec: str | Path, *, ema: bool = True, device: str = "cpu",
@@ -100,7 +128,8 @@ def load_denoiser(spec: str | Path, *, ema: bool = True, device: str = "cpu",
     kind = classify(str(path)) if path.exists() else None
     if students_only and kind not in STUDENT_KINDS:
         raise TeacherError(f"{path}: no such run directory or model file" if kind is None else
-                           f"{path}: not a dkdm run directory or exported model file (.safetensors)")
+                           f"{path}: not a dkdm run directory or exported model (.safetensors, "
+                           "or a diffusers export folder)")
     if not ema and kind != "run_dir":
         raise UserError(f"{text}: --no-ema applies to run directories; an exported model or a "
                         "teacher holds one set of weights (choose at export time with "
@@ -114,3 +143,29 @@ def load_denoiser(spec: str | Path, *, ema: bool = True, device: str = "cpu",
 
         return load_model_file_teacher(path, device=device, resolve=resolve_teacher)
     return resolve_teacher(text, device=device)
+
+
+def recorded_parent(spec: str, *, kind: str) -> str | None:
+    """The teacher spec a student (`spec`, of `kind` from classify) records it was distilled
+    from, or None (a teacher that is not a student, or one that records nothing)."""
+    from dkdm_cli.models.io import read_model_doc
+
+    path = Path(spec).expanduser()
+    if kind == "run_dir":
+        from dkdm_cli.checkpoint import load_latest
+
+        ckpt = load_latest(path)
+        parent = ckpt.doc.get("teacher") if ckpt is not None else None
+    elif kind in ("model_file", "dkdm_export"):
+        if kind == "dkdm_export":
+            from dkdm_cli.diffusers_export.layout import WEIGHTS, model_folder
+
+            folder = model_folder(path)
+            if folder is None:
+                return None
+            path = folder / WEIGHTS
+        parent = read_model_doc(path).get("teacher")
+        parent = parent.get("spec") if isinstance(parent, dict) else parent
+    else:
+        return None
+    return parent if isinstance(parent, str) and parent else None
