@@ -56,8 +56,13 @@ def main() -> None:
     parser.add_argument("--case", choices=("digits", "reference"), default="digits")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--label", default="")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the loop (new versions only): its first iteration is the cold "
+                        "compile, and the ratio is then compiled iteration / eager parts")
     args = parser.parse_args()
     teacher, sets = case(args.case)
+    if args.compile:
+        sets.append('distill.compile="on"')
     cfg = load_config(None, search_cwd=False, sets=['teacher.name="bench"', 'distill.device="cpu"',
                                                     "distill.ema_rate=0.999", *sets])
     with tempfile.TemporaryDirectory() as tmp, Observer(Path(tmp), is_main=True, quiet=True,
@@ -76,6 +81,9 @@ def main() -> None:
             opt.step()
 
         fns = (lambda: run.iteration(window), lambda: teacher.model_output(x, t), student_step)
+        start = time.perf_counter()
+        fns[0]()
+        first = time.perf_counter() - start  # with --compile: the cold compile
         for fn in fns:
             for _ in range(3):
                 fn()
@@ -90,6 +98,7 @@ def main() -> None:
                              "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(json.dumps({"bench": "loop", "label": args.label, "commit": commit, "case": args.case,
                       "threads": torch.get_num_threads(), "rounds": args.rounds,
+                      "compile": args.compile, "first_iteration_s": round(first, 3),
                       "optimizer": type(opt).__name__ + (" fused" if opt.defaults.get("fused") else ""),
                       "median_iteration_s": round(statistics.median(times[0]), 5),
                       "median_teacher_forward_s": round(statistics.median(times[1]), 5),
