@@ -59,7 +59,11 @@ class Policy:
     student: torch.dtype | None = None  # the trained student's autocast dtype; None = float32
     compile: bool = False
     training: bool = False  # a distillation policy (it also says how the student runs)
-    tf32: bool = True  # float32 matmuls/convolutions on CUDA may use TF32 (no effect elsewhere)
+    tf32: bool = True
+    # Checkpoints written by a background thread: where the loop runs on an accelerator, the
+    # CPU is free to write; on the CPU the writer only takes cores from the loop (measured:
+    # docs/benchmarks.md, "Checkpoint stall"), so the write stays in the loop there.
+    background_saves: bool = False  # float32 matmuls/convolutions on CUDA may use TF32 (no effect elsewhere)
 
     def autocast(self):
         """The student's autocast context (a no-op context under float32)."""
@@ -119,7 +123,8 @@ def distill_policy(d, device: torch.device) -> Policy:
     return Policy(device=device,
                   network=_network_dtype(d.teacher_precision, device, "distill.teacher_precision"),
                   student=None if autocast is torch.float32 else autocast,
-                  compile=_compile(d.compile, device), training=True, tf32=not strict)
+                  compile=_compile(d.compile, device), training=True, tf32=not strict,
+                  background_saves=device.type != "cpu")
 
 
 def sampling_policy(precision: NetworkPrecision, device: torch.device, *,

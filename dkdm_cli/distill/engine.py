@@ -156,7 +156,7 @@ class Distiller:
             # Compile OUTSIDE the DDP wrapper: dynamo then splits the graph at DDP's gradient
             # buckets, so each bucket's all-reduce overlaps the rest of the backward pass.
             self.train_model = torch.compile(self.train_model, **compile_options())
-        self.writer = writer or CheckpointWriter()
+        self.writer = writer or CheckpointWriter(background=self.policy.background_saves)
         self.settings = student_settings(teacher.settings)
         self.clip = teacher.settings.clip_denoised
 
@@ -367,7 +367,7 @@ def distill(cfg: Config, *, force: bool = False, quiet: bool = False, json_out: 
                                  is_main=info.is_main)
         policy.apply_backend_flags()
         teacher.to(info.device, dtype=policy.network)
-        writer = CheckpointWriter()
+        writer = CheckpointWriter(background=policy.background_saves)
         with Observer(run_dir, is_main=info.is_main, quiet=quiet, json_out=json_out,
                       tensorboard=cfg.distill.tensorboard) as obs, StopFlag() as stop:
             run = Distiller(cfg, info=info, run_dir=run_dir, teacher=teacher, observer=obs,

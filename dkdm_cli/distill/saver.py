@@ -10,6 +10,10 @@ the run waits for the last one before it returns, so "saved" still means on disk
 
 A failed write (disk full) is raised in the loop at the next save or at the end, as the same
 one-line StorageError a synchronous write raises; the previous checkpoints are untouched.
+
+The execution policy decides (precision.Policy.background_saves): in the background where the
+loop runs on an accelerator, in the loop on the CPU, where a writer thread can only take cores
+from the loop.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ class CheckpointWriter:
                after: Callable[[], None] | None = None) -> None:
         """Snapshot `tensors` now; write them to `path` (then run `after`, e.g. pruning)."""
         self.wait()
-        data = snapshot(tensors)
+        # In the caller's thread nothing changes the tensors while they are written: no copy.
+        data = snapshot(tensors) if self.background else tensors
 
         def write() -> None:
             save_checkpoint(path, data, doc)
