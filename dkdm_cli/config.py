@@ -32,7 +32,9 @@ DEFAULT_CONFIG_NAME = "dkdm.toml"
 MAX_ITERATIONS = 10**9
 MAX_BATCH = 1 << 20
 MAX_IMAGES = 10**7
-SAMPLERS = ("iddpm", "ddim", "dpm-solver++", "unipc")  # diffusion/samplers.py's Sampler values
+SAMPLERS = ("iddpm", "ddim", "dpm-solver++", "unipc", "consistency")  # samplers.Sampler's values
+# "auto": the sampler a model was made for (a few-step student's consistency sampling), else iddpm
+SAMPLER_CHOICES = ("auto", *SAMPLERS)
 # Classifier-free guidance: useful scales are ~1-10 (DiT samples at 1.5-4); far above that every
 # sample saturates to black and white, so a larger --cfg is a typo, not a setting.
 MAX_GUIDANCE = 50.0
@@ -76,6 +78,14 @@ class Mode(Choice):
     def uses_pool(self) -> bool:
         """Whether the batches are chain states of a pool (the DKDM modes)."""
         return self in (Mode.BASIC, Mode.SHUFFLE, Mode.DYNAMIC)
+
+
+class Objective(Choice):
+    """What the student learns from each teacher step on the pool."""
+
+    DKDM = ("dkdm", "the teacher's denoiser: eps (and variance) at every step, for 50-step sampling")
+    CONSISTENCY = ("consistency", "a few-step student: consistency distillation against the "
+                   "teacher's ODE neighbour, sampled in 1-8 steps")
 
 
 class Init(Choice):
@@ -159,6 +169,12 @@ class DistillConfig:
     """[distill]: the DKDM training run."""
 
     mode: Mode = opt(Mode.DYNAMIC, f"where batches come from: {Mode.described()}")
+    objective: Objective = opt(Objective.DKDM, f"what the student learns: {Objective.described()}")
+    consistency_k: int = opt(20, "consistency objective: the teacher's ODE neighbour is k steps "
+                             "below each state (T/50 for T = 1000, as LCM)", min=1)
+    consistency_target_ema: float = opt(0.95, "consistency objective: EMA rate of the target "
+                                        "network (the student's EMA, ema_rate, is sampled)",
+                                        min=0, max=0.9999)
     iterations: int = opt(1500, "total training iterations (resuming continues up to this)", min=1,
                           max=MAX_ITERATIONS)
     batch_size: int = opt(64, "states per iteration, b", min=1, max=MAX_BATCH)
@@ -215,10 +231,12 @@ class SampleConfig:
     """[sample]: generating images."""
 
     num: int = opt(64, "number of images", min=1, max=MAX_IMAGES)
-    steps: int = opt(50, "sampling steps (respaced; at most the model's T)", min=1)
-    sampler: str = opt("iddpm", "iddpm (ancestral) | ddim | dpm-solver++ | unipc (diffusers' "
-                       "DPM-Solver++(2M) and UniPC, with the model's x0 clipping)",
-                       choices=SAMPLERS)
+    steps: int | str = opt("auto", "sampling steps (at most the model's T); auto: the model's own "
+                           "(4 for a few-step student), else 50", min=1, auto=True)
+    sampler: str = opt("auto", "auto (the model's own: consistency for a few-step student, else "
+                       "iddpm) | iddpm (ancestral) | ddim | dpm-solver++ | unipc (diffusers' "
+                       "DPM-Solver++(2M) and UniPC, with the model's x0 clipping) | consistency",
+                       choices=SAMPLER_CHOICES)
     eta: float = opt(0.0, "DDIM eta (0: deterministic)", min=0)
     seed: int = opt(0, "random seed", min=0)
     batch_size: int = opt(64, "images per forward", min=1)
@@ -237,8 +255,11 @@ class EvalConfig:
     """[eval]: scoring samples."""
 
     num: int = opt(1000, "samples to generate when scoring a run", min=2, max=MAX_IMAGES)
-    steps: int = opt(50, "sampling steps (at most the model's T)", min=1)
-    sampler: str = opt("iddpm", "iddpm | ddim | dpm-solver++ | unipc", choices=SAMPLERS)
+    steps: int | str = opt("auto", "sampling steps (at most the model's T); auto: the model's own "
+                           "(4 for a few-step student), else 50", min=1, auto=True)
+    sampler: str = opt("auto", "the students' sampler: auto (the model's own) | iddpm | ddim | "
+                       "dpm-solver++ | unipc | consistency; the teacher reference uses the same, "
+                       "or iddpm at 50 steps beside a few-step student", choices=SAMPLER_CHOICES)
     seed: int = opt(0, "random seed", min=0)
     batch_size: int = opt(64, "images per forward", min=1)
     reference: str = opt("teacher", "teacher | a folder of images | a statistics .npz")
@@ -461,19 +482,20 @@ def load_config(
         return base
 
     config = resolve(Config())
-    if recommended_for(config.teacher.name):  # the teacher is known only once every layer is read
-        config = resolve(defaults_for(config.teacher.name))
+    # The teacher and the objective are known only once every layer is read.
+    if recommended_for(config.teacher.name, config.distill.objective):
+        config = resolve(defaults_for(config.teacher.name, config.distill.objective))
     return config
 
 
-def defaults_for(teacher: str) -> Config:
+def defaults_for(teacher: str, objective: str = "dkdm") -> Config:
     """The built-in defaults with the settings recommended for `teacher` (dkdm_cli/recommended.py),
     what a project for that teacher starts from."""
     from dkdm_cli.recommended import recommended_for
 
     base = Config()
     base = dataclasses.replace(base, teacher=dataclasses.replace(base.teacher, name=teacher))
-    return merge(base, recommended_for(teacher), source=f"recommended for {teacher}")
+    return merge(base, recommended_for(teacher, objective), source=f"recommended for {teacher}")
 
 
 def field_docs() -> dict[str, dict[str, tuple[Any, str]]]:

@@ -100,6 +100,8 @@ def export_doc(ckpt: Checkpoint, run_dir: Path, *, ema: bool) -> dict[str, Any]:
     }
     if doc.get("autoencoder_from"):
         extra["autoencoder_from"] = doc["autoencoder_from"]
+    if doc.get("sampler"):  # a few-step student samples with its own sampler
+        extra["sampler"] = doc["sampler"]
     return extra
 
 

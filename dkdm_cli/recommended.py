@@ -21,8 +21,19 @@ RECOMMENDED: dict[str, dict[str, dict[str, Any]]] = {
     "digits": _DIGITS,
     "digits-cond": _DIGITS,  # the same network fine-tuned with labels: the same budget suits it
 }
+# The few-step stage (`objective = "consistency"`, usually from a DKDM student: `student.init`),
+# chosen by measurement (docs/fewstep.md): a lower learning rate than DKDM's from-scratch one,
+# no warm-up (the student is already trained), and a faster EMA for the sampled weights.
+_DIGITS_FEW_STEP = {"distill": {"iterations": 1000, "lr": 2e-4, "warmup": 0, "ema_rate": 0.995,
+                                "init_steps": 16}}
+RECOMMENDED_FEW_STEP: dict[str, dict[str, dict[str, Any]]] = {
+    "digits": _DIGITS_FEW_STEP,
+    "digits-cond": _DIGITS_FEW_STEP,
+}
 
 
-def recommended_for(teacher: str) -> dict[str, dict[str, Any]]:
-    """{section: {key: value}} recommended for `teacher` (empty for unregistered specs)."""
-    return RECOMMENDED.get(teacher, {})
+def recommended_for(teacher: str, objective: str = "dkdm") -> dict[str, dict[str, Any]]:
+    """{section: {key: value}} recommended for `teacher` and the objective (empty for
+    unregistered specs)."""
+    table = RECOMMENDED_FEW_STEP if str(objective) == "consistency" else RECOMMENDED
+    return table.get(teacher, {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,13 +48,55 @@ def sample_labels(denoiser: Teacher, num: int, *, seed: int,
     return torch.randint(int(denoiser.num_classes), (num,), generator=gen)
 
 
+DEFAULT_STEPS = 50  # the respaced IDDPM sampling the paper evaluates with
+FEW_STEP_DEFAULT = 4  # a few-step student's steps when it records none
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A sampler resolved for one model: what `auto` means for it."""
+
+    sampler: str
+    steps: int
+    top: int | None = None  # consistency sampling: the ladder's first step
+
+    def describe(self) -> dict:
+        """For --json outputs and eval records."""
+        out = {"sampler": self.sampler, "steps": self.steps}
+        if self.top is not None:
+            out["top"] = self.top
+        return out
+
+
+def resolve_sampling(model: Teacher, sampler: str = "auto", steps: int | str = "auto") -> Sampling:
+    """`sampler` / `steps` for `model`: "auto" is the sampler the model records (a few-step
+    student's multistep consistency sampling, at its steps) or IDDPM at 50 steps (all T when
+    the model has fewer)."""
+    recorded = model.sampler or {}
+    name = recorded.get("name", "iddpm") if sampler == "auto" else str(sampler)
+    few = name == "consistency"
+    if steps == "auto":
+        steps = int(recorded.get("steps", FEW_STEP_DEFAULT)) if few else \
+            min(DEFAULT_STEPS, model.diffusion.num_timesteps)
+    top = recorded.get("top") if few and recorded.get("name") == "consistency" else None
+    return Sampling(name, int(steps), top)
+
+
+def reference_sampling(student: Sampling) -> Sampling:
+    """How a teacher is sampled beside a student: the same sampler and steps, except beside a
+    few-step student, whose teacher samples as teachers do (IDDPM, 50 steps)."""
+    if student.sampler == "consistency":
+        return Sampling("iddpm", DEFAULT_STEPS)
+    return Sampling(student.sampler, student.steps)
+
+
 @torch.no_grad()
 def generate(
     teacher: Teacher,
     *,
     num: int,
-    steps: int = 50,
-    sampler: str = "iddpm",
+    steps: int | str = "auto",
+    sampler: str = "auto",
     eta: float = 0.0,
     seed: int = 0,
     batch_size: int = 64,
@@ -75,15 +118,16 @@ def generate(
         labels = sample_labels(teacher, num, seed=seed)
     teacher.check_labels(labels)
     teacher.denoise_fn(None if labels is None else labels[:1], cfg=cfg)  # refuse a bad --cfg now
+    how = resolve_sampling(teacher, sampler, steps)
     noise = initial_noise(num, teacher.sample_shape, seed=seed) if noise is None else noise
     step_gen = torch.Generator(device=device).manual_seed(seed + 1)
     out = []
     for start in range(0, num, batch_size):
         x_T = noise[start:start + batch_size].to(device)
         y = None if labels is None else labels[start:start + batch_size].to(device)  # (b,)
-        x0 = sample(teacher.denoise_fn(y, cfg=cfg), teacher.diffusion, noise=x_T, steps=steps,
-                    sampler=Sampler(sampler), eta=eta, clip_denoised=teacher.settings.clip_denoised,
-                    generator=step_gen)
+        x0 = sample(teacher.denoise_fn(y, cfg=cfg), teacher.diffusion, noise=x_T, steps=how.steps,
+                    sampler=Sampler(how.sampler), eta=eta, top=how.top,
+                    clip_denoised=teacher.settings.clip_denoised, generator=step_gen)
         images = teacher.decode(x0)  # (b, C, H, W) in [-1, 1]
         # One check per batch (to_uint8 syncs here anyway): NaN would become black pixels silently.
         if not bool(torch.isfinite(images).all()):
@@ -206,14 +250,15 @@ def save_comparison(teacher_images: np.ndarray, student_images: np.ndarray, path
 
 
 def compare_with_teacher(
-    student: Teacher, teacher: Teacher, *, noise: torch.Tensor, steps: int, sampler: str,
+    student: Teacher, teacher: Teacher, *, noise: torch.Tensor, steps: int | str, sampler: str,
     eta: float, seed: int, batch_size: int, device: torch.device | str,
     student_images: np.ndarray | None = None, labels: torch.Tensor | None = None, cfg: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(teacher images, student images), each (N, H, W, C) uint8, from the same x_T `noise`
     (N, C, H, W), the same per-step noise and (class-conditional) the same labels and guidance
     (a student distilled on guided targets is set beside its teacher at that scale), so each
-    pair differs only by the model.
+    pair differs only by the model. Beside a few-step student the teacher samples as teachers
+    do (`reference_sampling`).
 
     `student_images` are reused when the caller already sampled exactly this noise in one batch.
     """
@@ -222,8 +267,11 @@ def compare_with_teacher(
             f"the teacher samples {tuple(teacher.sample_shape)} but the student "
             f"{tuple(student.sample_shape)}: they cannot start from the same noise"
         )
-    kw = dict(num=len(noise), steps=steps, sampler=sampler, eta=eta, seed=seed,
-              batch_size=batch_size, device=device, noise=noise, labels=labels)
+    mine = resolve_sampling(student, sampler, steps)
+    ref = reference_sampling(mine)
+    kw = dict(num=len(noise), eta=eta, seed=seed, batch_size=batch_size, device=device, noise=noise,
+              labels=labels)
     if student_images is None:
-        student_images = generate(student, **kw, cfg=cfg)
-    return generate(teacher, **kw, cfg=teacher_scale(student, cfg)), student_images
+        student_images = generate(student, **kw, sampler=mine.sampler, steps=mine.steps, cfg=cfg)
+    return generate(teacher, **kw, sampler=ref.sampler, steps=ref.steps,
+                    cfg=teacher_scale(student, cfg)), student_images

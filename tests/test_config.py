@@ -65,7 +65,7 @@ BAD_FILES = {
     "nan": ("[distill]\nlr = nan\n", ["[distill] lr", "expected a finite number", "nan"]),
     "inf": ("[distill]\ngrad_clip = inf\n", ["[distill] grad_clip", "expected a finite number"]),
     "bad-choice": ('[sample]\nsampler = "ddpm"\n',
-                   ["[sample] sampler", "expected one of iddpm, ddim", "'ddpm'", "did you mean 'iddpm'"]),
+                   ["[sample] sampler", "expected one of auto, iddpm, ddim", "'ddpm'", "did you mean 'iddpm'"]),
     "bad-mode": ('[distill]\nmode = "dynamik"\n',
                  ["[distill] mode", "basic, shuffle, dynamic, synthetic", "did you mean 'dynamic'"]),
     "section-not-table": ("sample = 3\n", ["[sample] must be a table"]),
@@ -112,7 +112,7 @@ def test_missing_config_file(capsys):
     ("sample.nmu=3", ["--set sample.nmu=3", "unknown key [sample] nmu", "did you mean 'num'"]),
     ("sampel.num=3", ["unknown section [sampel]", "did you mean 'sample'"]),
     ("sample.num=abc", ["[sample] num", "expected an integer", "'abc'"]),
-    ("sample.sampler=ddpm", ["[sample] sampler", "expected one of iddpm, ddim"]),
+    ("sample.sampler=ddpm", ["[sample] sampler", "expected one of auto, iddpm, ddim"]),
 ])
 def test_bad_set_is_exit_2(expr, expected, capsys):
     assert run(_sample_argv("--set", expr)) == 2
@@ -164,7 +164,8 @@ def resolve(monkeypatch, capsys):
 
 def test_precedence_through_the_sample_command(resolve):
     got = resolve()
-    assert (got["num"], got["steps"], got["seed"]) == (64, 50, 0)  # defaults
+    assert (got["num"], got["steps"], got["seed"]) == (64, "auto", 0)  # defaults (auto: 50 or a
+    # few-step student's own)
     Path("dkdm.toml").write_text(
         '[sample]\nnum = 5\nsteps = 7\nsampler = "ddim"\nseed = 3\ndevice = "cpu"\n')
     got = resolve()

@@ -10,7 +10,7 @@ import typer
 
 from dkdm_cli import _console
 from dkdm_cli._options import ConfigOpt, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, SetOpt, StudentOpt, TeacherOpt
-from dkdm_cli.config import Mode, load_config
+from dkdm_cli.config import Mode, Objective, load_config
 
 
 def distill(
@@ -25,6 +25,18 @@ def distill(
         "--batch-size", "-b", help="States per iteration.")] = None,
     mode: Annotated[Optional[str], typer.Option(
         "--mode", help=f"{Mode.spelled()} (see docs/method.md).")] = None,
+    objective: Annotated[Optional[str], typer.Option(
+        "--objective", help=f"{Objective.spelled()}: consistency makes a few-step student "
+        "(1-8 sampling steps; see docs/fewstep.md).")] = None,
+    student_init: Annotated[Optional[Path], typer.Option(
+        "--student-init", help="Start the student from a run directory or exported model of "
+        "the same preset (e.g. a DKDM student, for the few-step stage).",
+        show_default=False)] = None,
+    few_step: Annotated[Optional[Path], typer.Option(
+        "--few-step", help="Make a few-step student of a DKDM run: its teacher and student, "
+        "--objective consistency, --student-init RUN, the few-step settings recommended for the "
+        "teacher, --run-dir RUN-fast (your own flags and --set still win).",
+        show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-r", help="Run directory.")] = None,
     device: DeviceOpt = None,
@@ -47,11 +59,16 @@ def distill(
 
     flags = {
         "teacher": {"name": teacher, "arch": teacher_arch},
-        "student": {"name": student},
+        "student": {"name": student, "init": str(student_init) if student_init else None},
         "distill": {"iterations": iterations, "batch_size": batch_size, "mode": mode, "lr": lr,
+                    "objective": objective,
                     "run_dir": str(run_dir) if run_dir is not None else None, "device": device,
                     "seed": seed, "compile": compile_},
     }
+    if few_step is not None:
+        from dkdm_cli.distill.warmstart import few_step_flags
+
+        flags = _overlay(few_step_flags(few_step), flags)
     cfg = load_config(config, flags=flags, sets=set_)
     result = run_distill(cfg, force=force, quiet=quiet, json_out=json_out)
     summary = {"event": "end", "status": result.status, "run_dir": str(result.run_dir),
@@ -77,18 +94,33 @@ def distill(
         else:
             guidance = result.null_class is not None and result.guidance_scale == 1.0
             _console.out.print(next_steps(result.run_dir, num_classes=result.num_classes,
-                                          guidance=guidance), highlight=False)
+                                          guidance=guidance, few_step=cfg.distill.objective
+                                          is Objective.CONSISTENCY),
+                               highlight=False)
     if result.status == "interrupted":
         raise typer.Exit(result.exit_code or 130)
 
 
-def next_steps(run_dir: Path, *, num_classes: int = 0, guidance: bool = False) -> str:
+def _overlay(base: dict[str, dict], mine: dict[str, dict]) -> dict[str, dict]:
+    """`base` flags with the user's given flags (not None) on top."""
+    out = {section: dict(values) for section, values in base.items()}
+    for section, values in mine.items():
+        out.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    return out
+
+
+def next_steps(run_dir: Path, *, num_classes: int = 0, guidance: bool = False,
+               few_step: bool = False) -> str:
     """What was made and the commands to run next, with the run directory filled in (and, for a
-    class-conditional student, how to pick a class and a guidance scale)."""
+    class-conditional student, how to pick a class and a guidance scale; for a DKDM student,
+    how to make a few-step one of it)."""
     rd = shlex.quote(str(run_dir))
-    text = (f"made: {run_dir}/checkpoints (student, EMA weights), metrics.jsonl, grids/\n"
+    steps = " --steps 4" if few_step else ""
+    kind = "a few-step student: 1-8 steps, 4 by default" if few_step else "student"
+    text = (f"made: {run_dir}/checkpoints ({kind}, EMA weights), metrics.jsonl, grids/\n"
             "next:\n"
-            f"  dkdm sample --model {rd} --num 64 --grid samples.png --compare-teacher vs-teacher.png\n")
+            f"  dkdm sample --model {rd}{steps} --num 64 --grid samples.png "
+            "--compare-teacher vs-teacher.png\n")
     if num_classes:
         cfg = " --cfg 2.0" if guidance else ""
         c = min(3, num_classes - 1)
@@ -97,5 +129,7 @@ def next_steps(run_dir: Path, *, num_classes: int = 0, guidance: bool = False) -
     text += f"  dkdm eval {rd} --fid --num 1000        # FID against the teacher's own samples\n"
     if num_classes == 10:
         text += f"  dkdm eval {rd} --consistency --num 1000   # digits: right class per sample\n"
-    export = "" if num_classes else "   # or student.onnx"
+    if not few_step:
+        text += f"  dkdm distill --few-step {rd}   # a 4-step student of it, in {run_dir}-fast\n"
+    export = "" if num_classes else "   # or student.onnx, or a diffusers folder"
     return text + f"  dkdm export --run-dir {rd} --out student.safetensors{export}"

@@ -22,7 +22,7 @@ from dkdm_cli._options import (
     SetOpt,
     TeacherOpt,
 )
-from dkdm_cli.config import SAMPLERS, load_config
+from dkdm_cli.config import SAMPLER_CHOICES, load_config
 from dkdm_cli.errors import ThresholdError
 from dkdm_cli.evaluate import EvalResult
 from dkdm_cli.evaluate import evaluate as run_evaluation
@@ -75,7 +75,8 @@ def evaluate(
     teacher: TeacherOpt = None,
     num: Annotated[Optional[int], typer.Option("--num", "-n", help="Samples to generate.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps.")] = None,
-    sampler: Annotated[Optional[str], typer.Option("--sampler", help=" | ".join(SAMPLERS) + ".")] = None,
+    sampler: Annotated[Optional[str], typer.Option(
+        "--sampler", help=" | ".join(SAMPLER_CHOICES) + " (auto: the model's own).")] = None,
     seed: SeedOpt = None,
     reference_seed: Annotated[Optional[int], typer.Option(
         "--reference-seed", help="Seed of the teacher reference (default: seed + 1000003).",

@@ -25,7 +25,7 @@ from dkdm_cli._options import (
     TeacherOpt,
 )
 from dkdm_cli.checkpoint import refuse_run_internals
-from dkdm_cli.config import SAMPLERS, SampleConfig, class_list, load_config
+from dkdm_cli.config import SAMPLER_CHOICES, SampleConfig, class_list, load_config
 from dkdm_cli.errors import UserError
 from dkdm_cli.precision import sampling_policy
 from dkdm_cli.sample import (
@@ -33,6 +33,7 @@ from dkdm_cli.sample import (
     generate,
     initial_noise,
     recorded_teacher_spec,
+    resolve_sampling,
     sample_labels,
     save_comparison,
     save_grid,
@@ -119,7 +120,8 @@ def sample(
         "--ema/--no-ema", help="Run directories: EMA weights (default) or the raw weights.")] = True,
     num: Annotated[Optional[int], typer.Option("--num", "-n", help="Number of images.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps.")] = None,
-    sampler: Annotated[Optional[str], typer.Option("--sampler", help=" | ".join(SAMPLERS) + ".")] = None,
+    sampler: Annotated[Optional[str], typer.Option(
+        "--sampler", help=" | ".join(SAMPLER_CHOICES) + " (auto: the model's own).")] = None,
     eta: Annotated[Optional[float], typer.Option("--eta", help="DDIM eta.")] = None,
     seed: SeedOpt = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch.")] = None,
@@ -178,7 +180,8 @@ def sample(
     result = {"out": str(out) if out else None, "num": int(len(images)),
               "grid": str(grid) if grid else None, "npz": str(npz) if npz else None,
               "source": teacher if teacher is not None else model, "ema": ema,
-              "steps": cfg.steps, "sampler": cfg.sampler, "eta": cfg.eta, "seed": cfg.seed,
+              **resolve_sampling(denoiser, cfg.sampler, cfg.steps).describe(),
+              "eta": cfg.eta, "seed": cfg.seed,
               "seconds": round(seconds, 3), "images_per_second": round(len(images) / seconds, 2)}
     if labels is not None:
         result.update(classes=sorted(set(labels.tolist())), cfg_scale=cfg.cfg_scale,

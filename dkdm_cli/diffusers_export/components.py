@@ -20,6 +20,7 @@ from diffusers import ConfigMixin, ModelMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
+from dkdm_cli.diffusion.consistency import consistency_value, default_top, ladder, renoise
 from dkdm_cli.diffusion.gaussian import GaussianDiffusion, Prediction, VarianceType
 from dkdm_cli.diffusion.samplers import Sampler, sampling_process
 from dkdm_cli.diffusion.schedules import make_betas
@@ -113,10 +114,12 @@ class DKDMScheduler(SchedulerMixin, ConfigMixin):
 
     The config uses DDPMScheduler's key names (num_train_timesteps, beta_schedule, beta_start,
     beta_end, trained_betas, prediction_type, variance_type, clip_sample), so other schedulers
-    can be built `from_config` it, plus `sampler` ("iddpm": respaced ancestral steps; "ddim")
-    and `eta` (DDIM). `set_timesteps(n)` respaces the process as `dkdm sample --steps n` does;
-    `step` draws its noise z from `generator` on every call (also at t = 0, and for DDIM at
-    eta 0, as dkdm's sampler does), so the same generator gives `dkdm sample`'s images.
+    can be built `from_config` it, plus `sampler` ("iddpm": respaced ancestral steps; "ddim";
+    "consistency": a few-step student's multistep consistency sampling, from step `top`) and
+    `eta` (DDIM). `set_timesteps(n)` respaces the process as `dkdm sample --steps n` does (for
+    consistency: the n-step ladder); `step` draws its noise z from `generator` as dkdm's sampler
+    does (iddpm and ddim: on every call, also at t = 0 and for DDIM at eta 0; consistency:
+    between rungs), so the same generator gives `dkdm sample`'s images.
     """
 
     config_name = "scheduler_config.json"
@@ -128,6 +131,7 @@ class DKDMScheduler(SchedulerMixin, ConfigMixin):
         beta_start: float = 0.0001, beta_end: float = 0.02, trained_betas: list | None = None,
         prediction_type: str = "epsilon", variance_type: str = "fixed_small",
         clip_sample: bool = True, sampler: str = "iddpm", eta: float = 0.0,
+        top: int | None = None, default_steps: int | None = None,
     ) -> None:
         if trained_betas is not None:
             betas = make_betas("explicit", num_train_timesteps, betas=trained_betas)
@@ -146,9 +150,23 @@ class DKDMScheduler(SchedulerMixin, ConfigMixin):
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
+    @property
+    def default_inference_steps(self) -> int:
+        """The steps the pipeline takes when none are given: the model's own (few-step: 4)."""
+        if self.config.default_steps:
+            return int(self.config.default_steps)
+        return 4 if self.sampler is Sampler.CONSISTENCY else 50
+
     def set_timesteps(self, num_inference_steps: int | None = None, device=None) -> None:
-        """Respace to `num_inference_steps` steps (None: all T); `timesteps` are then the
-        original steps the model is called at, from T-1 down."""
+        """Respace to `num_inference_steps` steps (None: all T; consistency: its default); the
+        `timesteps` are then the original steps the model is called at, from the top down."""
+        if self.sampler is Sampler.CONSISTENCY:
+            top = self.config.top
+            top = default_top(self.diffusion.num_timesteps) if top is None else int(top)
+            self._rungs = ladder(num_inference_steps or self.default_inference_steps, top=top)
+            self.num_inference_steps = len(self._rungs)
+            self.timesteps = torch.tensor(self._rungs, dtype=torch.long, device=device)
+            return
         self.process = sampling_process(self.diffusion, num_inference_steps, self.sampler)
         self.num_inference_steps = self.process.num_timesteps
         steps = self.process.timestep_map  # (n,) original timesteps, ascending
@@ -158,6 +176,8 @@ class DKDMScheduler(SchedulerMixin, ConfigMixin):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              generator: torch.Generator | None = None, return_dict: bool = True):
         """x_{t-1} from the model's output at original step `timestep` for x_t = `sample`."""
+        if self.sampler is Sampler.CONSISTENCY:
+            return self._consistency_step(model_output, int(timestep), sample, generator, return_dict)
         i = self._index.get(int(timestep))
         if i is None:
             raise ValueError(f"timestep {int(timestep)} is not one of this schedule's steps; "
@@ -175,3 +195,23 @@ class DKDMScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev, step.pred_x0)
         return DKDMSchedulerOutput(prev_sample=prev, pred_original_sample=step.pred_x0)
+
+    def _consistency_step(self, model_output, timestep: int, sample, generator, return_dict):
+        """x_0 = f(x_t, t); re-noised with fresh noise to the next rung (the last rung: x_0)."""
+        if timestep not in self._rungs:
+            raise ValueError(f"timestep {timestep} is not one of this ladder's steps; call "
+                             "set_timesteps first and use its timesteps")
+        t = torch.full((sample.shape[0],), timestep, device=sample.device, dtype=torch.long)
+        x0 = consistency_value(self.diffusion, model_output.to(sample.dtype), x_t=sample,
+                               coefs=self.diffusion.coefs(t, sample), clip=self.config.clip_sample)
+        prev = x0
+        i = self._rungs.index(timestep)
+        if i + 1 < len(self._rungs):
+            s = torch.full_like(t, self._rungs[i + 1])
+            where = generator.device if generator is not None else sample.device
+            z = torch.randn(sample.shape, generator=generator, device=where,
+                            dtype=sample.dtype).to(sample.device)  # (B, C, H, W)
+            prev = renoise(x0, z, self.diffusion.coefs(s, sample))
+        if not return_dict:
+            return (prev, x0)
+        return DKDMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

@@ -81,7 +81,7 @@ def _beta_range(settings: DiffusionSettings) -> dict[str, float]:
 
 
 def scheduler_config(settings: DiffusionSettings, *, sampler: str = "iddpm",
-                     eta: float = 0.0) -> dict[str, Any]:
+                     eta: float = 0.0, top: int | None = None) -> dict[str, Any]:
     """scheduler_config.json for DKDMScheduler: DDPMScheduler's keys, plus the sampler."""
     if settings.timestep_scale != 1.0:
         raise UserError("a model called on rescaled timesteps cannot be exported to diffusers")
@@ -90,6 +90,8 @@ def scheduler_config(settings: DiffusionSettings, *, sampler: str = "iddpm",
         "num_train_timesteps": settings.num_timesteps, "prediction_type": settings.prediction,
         "variance_type": settings.variance, "clip_sample": settings.clip_denoised,
         "sampler": sampler, "eta": float(eta)}
+    if top is not None:
+        config["top"] = int(top)
     if settings.schedule == "explicit":
         config["trained_betas"] = [float(b) for b in settings.betas or ()]
     else:
@@ -142,7 +144,8 @@ def _quiet():
 
 
 def write_folder(folder: Path, model: nn.Module, *, extra: dict[str, Any],
-                 autoencoder=None, sampler: str = "iddpm", eta: float = 0.0) -> dict[str, Any]:
+                 autoencoder=None, sampler: str = "iddpm", eta: float = 0.0,
+                 top: int | None = None) -> dict[str, Any]:
     """Fill `folder` (empty) with the pipeline; returns model_index.json's document."""
     from dkdm_cli.models.io import save_model
 
@@ -163,7 +166,7 @@ def write_folder(folder: Path, model: nn.Module, *, extra: dict[str, Any],
     save_model(model, folder / component / WEIGHTS, extra=extra, metadata={"format": "pt"})
     _fs.write_text(folder / "scheduler" / f"{SCHEDULER_MODULE}.py", files[SCHEDULER_MODULE])
     _write_json(folder / "scheduler" / "scheduler_config.json",
-                scheduler_config(settings, sampler=sampler, eta=eta))
+                scheduler_config(settings, sampler=sampler, eta=eta, top=top))
     if autoencoder is not None:
         index[AUTOENCODER] = ["diffusers", _save_autoencoder(autoencoder, folder / AUTOENCODER)]
     _write_json(folder / "model_index.json", index)
@@ -208,10 +211,15 @@ def check_folder(folder: Path, model: nn.Module) -> float:
     return diff
 
 
-def _run_sampler(extra: dict[str, Any]) -> tuple[str, float]:
-    """The sampler the run samples with ([sample] sampler and eta of its configuration)."""
+def _run_sampler(extra: dict[str, Any]) -> tuple[str, float, int | None]:
+    """(sampler, eta, top) the student samples with: the one it was made for (a few-step
+    student's consistency sampling), else its run's [sample] sampler (auto: iddpm) and eta."""
+    recorded = extra.get("sampler") or {}
     sample = ((extra.get("distillation") or {}).get("config") or {}).get("sample") or {}
-    return str(sample.get("sampler", "iddpm")), float(sample.get("eta", 0.0))
+    if recorded.get("name"):
+        return str(recorded["name"]), 0.0, recorded.get("top")
+    sampler = str(sample.get("sampler", "iddpm"))
+    return ("iddpm" if sampler == "auto" else sampler), float(sample.get("eta", 0.0)), None
 
 
 def export_folder(model: nn.Module, out: Path, *, extra: dict[str, Any], result,
@@ -226,8 +234,9 @@ def export_folder(model: nn.Module, out: Path, *, extra: dict[str, Any], result,
         from dkdm_cli.teachers.spec import resolve_teacher
 
         autoencoder = resolve_teacher(extra["autoencoder_from"], device="cpu").autoencoder
-    sampler, eta = _run_sampler(extra)
+    sampler, eta, top = _run_sampler(extra)
     with _fs.atomic_folder(out) as tmp:
-        write_folder(tmp, model, extra=extra, autoencoder=autoencoder, sampler=sampler, eta=eta)
+        write_folder(tmp, model, extra=extra, autoencoder=autoencoder, sampler=sampler, eta=eta,
+                     top=top)
         result.max_abs_diff = check_folder(tmp, model)
         _fs.write_text(tmp / "README.md", card(tmp))

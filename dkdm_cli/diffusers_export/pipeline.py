@@ -92,11 +92,13 @@ class DKDMPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, generator: torch.Generator | None = None,
-                 num_inference_steps: int = 50, output_type: str = "pil", return_dict: bool = True,
+                 num_inference_steps: int | None = None, output_type: str = "pil",
+                 return_dict: bool = True,
                  class_labels=None, guidance_scale: float = 1.0,
                  latents: torch.Tensor | None = None):
         """`batch_size` images (class_labels: an int, or one label per image, which sets the
-        batch size; guidance_scale: classifier-free guidance, 1 for none; latents: x_T) ->
+        batch size; guidance_scale: classifier-free guidance, 1 for none; latents: x_T;
+        num_inference_steps: the model's own when None, 50, or 4 for a few-step student) ->
         `.images`: PIL images, or for output_type="np" floats in [0, 1], (B, H, W, C)."""
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type {output_type!r}: expected 'pil' or 'np'")
@@ -119,7 +121,8 @@ class DKDMPipeline(DiffusionPipeline):
                              f"of {shape}")
         x = latents.to(device=device, dtype=torch.float32)  # x_T (B, C, H, W)
         y = None if y is None else y.to(device)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        steps = num_inference_steps or self.scheduler.default_inference_steps
+        self.scheduler.set_timesteps(steps, device=device)
         for t in self.progress_bar(self.scheduler.timesteps):
             out = self._predict(x, t, y, guidance_scale if real else 1.0)
             x = self.scheduler.step(out, t, x, generator=generator).prev_sample

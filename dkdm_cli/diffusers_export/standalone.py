@@ -82,7 +82,7 @@ def _models() -> ShippedFile:
 
 def _scheduler() -> ShippedFile:
     from dkdm_cli.diffusers_export import components
-    from dkdm_cli.diffusion import gaussian, samplers, schedules
+    from dkdm_cli.diffusion import consistency, gaussian, samplers, schedules
 
     return ShippedFile(
         name=SCHEDULER_MODULE, what="dkdm's noise process and samplers as a diffusers scheduler.",
@@ -98,7 +98,9 @@ def _scheduler() -> ShippedFile:
                  schedules.make_betas, gaussian.Prediction, gaussian.VarianceType,
                  gaussian.StepCoefs, gaussian.ReverseStep, gaussian._extract,
                  gaussian.GaussianDiffusion, gaussian.space_timesteps, samplers.Sampler,
-                 samplers.sampling_process, components.DKDMSchedulerOutput,
+                 samplers.sampling_process, consistency.straight_through_clip,
+                 consistency.consistency_value, consistency.renoise, consistency.default_top,
+                 consistency.ladder, components.DKDMSchedulerOutput,
                  components.DKDMScheduler))
 
 

@@ -21,6 +21,7 @@ class Sampler(str, Enum):
     DDIM = "ddim"
     DPM_SOLVER = "dpm-solver++"  # DPM-Solver++(2M), diffusers' scheduler (diffusion/solvers.py)
     UNIPC = "unipc"  # UniPC, diffusers' scheduler
+    CONSISTENCY = "consistency"  # multistep consistency sampling (diffusion/consistency.py)
 
     @property
     def solver(self) -> bool:
@@ -55,11 +56,18 @@ def sample(
     clip_denoised: bool = True,
     generator: torch.Generator | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    top: int | None = None,
 ) -> torch.Tensor:
     """Run the reverse chain from `noise` (B, C, H, W) to x_0; the same noise and generator give
-    the same samples on the same device."""
+    the same samples on the same device. `top`: where consistency sampling starts (default
+    1 % below T-1)."""
     sampler = Sampler(sampler)
     process = sampling_process(diffusion, steps, sampler)  # also checks 1 <= steps <= T
+    if sampler is Sampler.CONSISTENCY:
+        from dkdm_cli.diffusion.consistency import consistency_sample
+
+        return consistency_sample(model, diffusion, noise=noise, steps=steps or 4, top=top,
+                                  clip_denoised=clip_denoised, generator=generator, on_step=on_step)
     if sampler.solver:
         from dkdm_cli.diffusion.solvers import solve
 

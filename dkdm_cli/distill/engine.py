@@ -18,9 +18,10 @@ from torch import nn
 
 from dkdm_cli import _console
 from dkdm_cli.checkpoint import Checkpoint, checkpoint_path, prune_checkpoints
-from dkdm_cli.config import Config, DistillConfig, Mode
+from dkdm_cli.config import Config, DistillConfig, Mode, Objective
 from dkdm_cli.diffusion.samplers import Sampler, sample
 from dkdm_cli.distill import runs
+from dkdm_cli.distill.consistency import ConsistencyObjective
 from dkdm_cli.distill.distributed import (
     DistInfo,
     any_across,
@@ -159,6 +160,11 @@ class Distiller:
         self.writer = writer or CheckpointWriter(background=self.policy.background_saves)
         self.settings = student_settings(teacher.settings)
         self.clip = teacher.settings.clip_denoised
+        self.objective = None  # the DKDM objective lives in the pool source; others here
+        if d.objective is Objective.CONSISTENCY:
+            self.objective = ConsistencyObjective(
+                self.diffusion, student, k=d.consistency_k, target_rate=d.consistency_target_ema,
+                clip=self.clip, autocast=self.policy.autocast)
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -172,7 +178,7 @@ class Distiller:
         loop_teacher = self.teacher.compiled(**compile_options()) if self.policy.compile else None
         built = build_source(self.cfg.distill, teacher=self.teacher, device=self.device,
                              seed=self.seed, ckpt=ckpt, distributed=self.info.distributed,
-                             obs=obs, loop_teacher=loop_teacher)
+                             obs=obs, loop_teacher=loop_teacher, objective=self.objective)
         self.source, self.startup = built.source, built.startup
         return built.restored
 
@@ -200,6 +206,8 @@ class Distiller:
             grad_norm = torch.zeros((), device=self.device)
         st.opt.step()
         st.ema.update(st.student)
+        if self.objective is not None:
+            self.objective.after_step(st.student)
         st.step += 1
         window.add(loss=terms.loss, mse=terms.mse, kl=terms.kl, per_sample=terms.per_sample,
                    t=batch.t, grad_norm=grad_norm)
@@ -216,6 +224,8 @@ class Distiller:
             save_pool = d.save_pool and not self.info.distributed
             tensors, doc = self.state.to_tensors()
             tensors.update(self.source.tensors(save_data=save_pool))
+            if self.objective is not None:
+                tensors.update(self.objective.tensors())
             doc["startup_teacher_forwards"] = self.source.startup_forwards
             doc["runtime"] = self.policy.describe()
             doc.update(runs.checkpoint_doc(self.cfg, self.teacher, self.state.student, self.settings))
@@ -308,6 +318,9 @@ def check_before_start(cfg: Config, teacher: Teacher) -> None:
     if d.grid_every and d.grid_steps > T:
         raise ConfigError(f"distill.grid_steps = {d.grid_steps}: the teacher has T = {T} steps; "
                           f"use at most {T}")
+    if d.objective is Objective.CONSISTENCY and not d.mode.uses_pool:
+        raise ConfigError(f"distill.objective = consistency learns from the pool's teacher steps; "
+                          f"mode {d.mode.value} has none (use dynamic, shuffle or basic)")
     if d.mode is Mode.DATA:
         if teacher.autoencoder is not None:
             raise ConfigError("mode data trains in pixel space; this teacher is latent "
@@ -384,6 +397,8 @@ def distill(cfg: Config, *, force: bool = False, quiet: bool = False, json_out: 
                                      during_startup=True)
             if ckpt is not None:
                 run.state.restore(ckpt)
+                if run.objective is not None:
+                    run.objective.restore(ckpt)
                 runs.warn_if_not_exact(cfg, restored)
             elif info.is_main and run.startup is not None:
                 runs.write_startup(run_dir, run.startup)

@@ -227,7 +227,19 @@ def checkpoint_doc(cfg: Config, teacher, student, settings) -> dict[str, Any]:
         "teacher": ref,
         "autoencoder_from": ref if teacher.autoencoder is not None else None,
         "config": cfg.to_dict(),
+        "sampler": run_sampler(cfg, teacher.diffusion.num_timesteps),
     }
+
+
+def run_sampler(cfg: Config, num_timesteps: int) -> dict[str, Any] | None:
+    """How the run's student samples when the user names no sampler: None (the teachers' own
+    samplers apply), or for a few-step student multistep consistency sampling from its top."""
+    from dkdm_cli.config import Objective
+    from dkdm_cli.diffusion.consistency import default_top
+
+    if cfg.distill.objective is not Objective.CONSISTENCY:
+        return None
+    return {"name": "consistency", "top": default_top(num_timesteps)}
 
 
 def announce(obs, cfg: Config, info, teacher, student, count_parameters,

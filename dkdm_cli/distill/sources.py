@@ -30,6 +30,7 @@ from dkdm_cli.distill.objective import LossTerms, dkdm_loss, hybrid_loss
 from dkdm_cli.distill.pool import (
     LabelPlan,
     StatePool,
+    StepResult,
     TeacherFn,
     expected_init_steps,
     pool_size,
@@ -52,11 +53,12 @@ class PoolSource:
 
     def __init__(self, pool: StatePool, *, teacher_fn: TeacherFn, diffusion: GaussianDiffusion,
                  batch_size: int, clip_denoised: bool, lam: float, startup_forwards: int,
-                 forwards_per_state: int = 1) -> None:
+                 forwards_per_state: int = 1, objective: Objective | None = None) -> None:
         self.pool, self.teacher_fn, self.diffusion = pool, teacher_fn, diffusion
         self.batch_size, self.clip, self.lam = batch_size, clip_denoised, lam
         self.startup_forwards = startup_forwards
         self.forwards_per_iteration = batch_size * forwards_per_state  # 2 with guidance
+        self.objective = objective or dkdm_objective(diffusion, lam=lam, clip=clip_denoised)
 
     def next(self) -> Batch:
         """Draw b states, take ONE teacher step on them, write the new states back."""
@@ -67,8 +69,7 @@ class PoolSource:
         res = teacher_step(self.teacher_fn, self.diffusion, x=x, t=t, noise=pool.randn(x.shape),
                            clip_denoised=self.clip, y=y)
         pool.write_back(idx, res.x_next, t)
-        loss = functools.partial(_dkdm_terms, self.diffusion, res, x, t, self.lam, self.clip)
-        return Batch(x, t, loss, y)
+        return Batch(x, t, self.objective(res, x, t, y), y)
 
     def tensors(self, *, save_data: bool) -> dict[str, torch.Tensor]:
         """Checkpoint tensors: the pool's RNG stream, and the pool itself (with its labels) when
@@ -81,9 +82,20 @@ class PoolSource:
         return out
 
 
-def _dkdm_terms(diffusion, res, x, t, lam, clip, student_out) -> LossTerms:
-    return dkdm_loss(diffusion, teacher_out=res.teacher_out, student_out=student_out, x_t=x, t=t,
-                     lam=lam, clip_denoised=clip, teacher_step=res.step)
+# (the teacher's step on the batch, x_t, t, labels) -> the loss as a function of the student's
+# output: the DKDM objective below, or the few-step one (distill/consistency.py).
+Objective = Callable[[StepResult, torch.Tensor, torch.Tensor, "torch.Tensor | None"],
+                     Callable[[torch.Tensor], LossTerms]]
+
+
+def dkdm_objective(diffusion: GaussianDiffusion, *, lam: float, clip: bool) -> Objective:
+    """The DKDM objective (objective.dkdm_loss), reusing the teacher step's reverse-step maths."""
+
+    def objective(res: StepResult, x: torch.Tensor, t: torch.Tensor, y) -> Callable:
+        return lambda out: dkdm_loss(diffusion, teacher_out=res.teacher_out, student_out=out,
+                                     x_t=x, t=t, lam=lam, clip_denoised=clip, teacher_step=res.step)
+
+    return objective
 
 
 class ImageSource:
@@ -159,7 +171,8 @@ class Built:
 
 
 def build_source(d: DistillConfig, *, teacher, device: torch.device, seed: int, ckpt,
-                 distributed: bool, obs, loop_teacher=None) -> Built:
+                 distributed: bool, obs, loop_teacher=None, objective: Objective | None = None
+                 ) -> Built:
     """The batch source of `d.mode`: restored from `ckpt` where it holds it, else started up
     (progress through `obs.phase` / `obs.advance`). `loop_teacher`: the same teacher for the
     loop's forwards (e.g. compiled), when it differs from the start-up's."""
@@ -170,7 +183,7 @@ def build_source(d: DistillConfig, *, teacher, device: torch.device, seed: int, 
     if mode.uses_pool:
         return _pool_source(d, mode, teacher=teacher, device=device, gen=gen, ckpt=ckpt,
                             distributed=distributed, obs=obs, startup_forwards=startup_forwards,
-                            loop_teacher=loop_teacher or teacher)
+                            loop_teacher=loop_teacher or teacher, objective=objective)
     x0, restored, startup = None, False, None
     if mode is Mode.SYNTHETIC and ckpt is not None and "synthetic/x" in ckpt.tensors:
         x0, restored = ckpt.tensors["synthetic/x"].to(device), True
@@ -216,7 +229,7 @@ def teacher_function(d: DistillConfig, teacher) -> tuple[TeacherFn, int]:
 
 
 def _pool_source(d: DistillConfig, mode: Mode, *, teacher, device, gen, ckpt, distributed, obs,
-                 startup_forwards: int, loop_teacher) -> Built:
+                 startup_forwards: int, loop_teacher, objective: Objective | None) -> Built:
     from dkdm_cli.distill.pool import init_pool
     from dkdm_cli.distill.state import pool_from_checkpoint
 
@@ -227,7 +240,8 @@ def _pool_source(d: DistillConfig, mode: Mode, *, teacher, device, gen, ckpt, di
     labels = label_plan(d, teacher)
     kw = dict(teacher_fn=teacher_function(d, loop_teacher)[0], diffusion=teacher.diffusion,
               batch_size=d.batch_size,
-              clip_denoised=clip, lam=d.vlb_lambda, forwards_per_state=per_state)
+              clip_denoised=clip, lam=d.vlb_lambda, forwards_per_state=per_state,
+              objective=objective)
     if ckpt is not None and not distributed:
         pool = pool_from_checkpoint(ckpt, num_timesteps=T, size=size, device=device, generator=gen,
                                     labels=labels)

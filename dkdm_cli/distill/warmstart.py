@@ -55,3 +55,35 @@ def check_init(path: str, student: nn.Module) -> dict[str, torch.Tensor]:
 def _normal(kwargs: dict) -> dict:
     # JSON round trips turn tuples into lists; compare the values, not the container types.
     return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+
+
+def few_step_flags(run: Path) -> dict[str, dict]:
+    """The settings `dkdm distill --few-step RUN` stands for: the few-step objective, started
+    from RUN's student, with RUN's teacher and student preset, the few-step settings
+    recommended for that teacher, and the run directory RUN-fast. They sit at the command
+    line's level (above the project's dkdm.toml, whose values are for DKDM); the user's own
+    flags and --set still win."""
+    from dkdm_cli.checkpoint import load_latest
+    from dkdm_cli.errors import CheckpointError
+    from dkdm_cli.recommended import recommended_for
+
+    run = Path(run)
+    try:
+        ckpt = load_latest(run) if (run / "checkpoints").is_dir() else None
+    except CheckpointError as exc:
+        raise ConfigError(f"--few-step {run}: {exc}") from exc
+    if ckpt is None:
+        raise ConfigError(f"--few-step {run}: not a dkdm run directory with a checkpoint (give the "
+                          "run a DKDM `dkdm distill` made, e.g. runs/digits-unet-n)")
+    config = ckpt.doc.get("config") or {}
+    teacher, student = config.get("teacher") or {}, config.get("student") or {}
+    if not teacher.get("name") or not student.get("name"):
+        raise ConfigError(f"--few-step {run}: its checkpoint records no teacher or student")
+    flags = {"teacher": {"name": teacher["name"], "arch": teacher.get("arch") or None,
+                         "arch_kwargs": teacher.get("arch_kwargs") or None},
+             "student": {"name": student["name"], "kwargs": student.get("kwargs") or None,
+                         "init": str(run)},
+             "distill": {"objective": "consistency", "run_dir": f"{str(run).rstrip('/')}-fast"}}
+    for section, values in recommended_for(teacher["name"], "consistency").items():
+        flags.setdefault(section, {}).update(values)
+    return flags

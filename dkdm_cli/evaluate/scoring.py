@@ -126,6 +126,27 @@ def _generate(model, *, cfg: EvalConfig, seed: int, num: int, device, progress: 
     return images, labels
 
 
+def _resolved(model, cfg: EvalConfig) -> EvalConfig:
+    """cfg with "auto" sampler and steps resolved for `model` (sample.resolve_sampling)."""
+    from dkdm_cli.sample import resolve_sampling
+
+    how = resolve_sampling(model, cfg.sampler, cfg.steps)
+    return dataclasses.replace(cfg, sampler=how.sampler, steps=how.steps)
+
+
+def _reference_cfg(model, cfg: EvalConfig) -> EvalConfig:
+    """How the teacher reference is sampled: as the student (resolved), except beside a
+    few-step student: IDDPM at 50 steps (sample.reference_sampling)."""
+    from dkdm_cli.sample import DEFAULT_STEPS, Sampling, reference_sampling, resolve_sampling
+
+    if model is not None:
+        ref = reference_sampling(resolve_sampling(model, cfg.sampler, cfg.steps))
+    else:
+        ref = Sampling("iddpm" if cfg.sampler == "auto" else cfg.sampler,
+                       DEFAULT_STEPS if cfg.steps == "auto" else int(cfg.steps))
+    return dataclasses.replace(cfg, sampler=ref.sampler, steps=ref.steps)
+
+
 def _label_info(model, labels, cfg: EvalConfig) -> dict[str, Any]:
     if labels is None:
         return {}
@@ -172,6 +193,7 @@ def sample_model(spec: str, *, cfg: EvalConfig, ema: bool, device, progress: Pro
     model = _load_model(spec, ema=ema, device=str(device))
     if check_model is not None:  # refuse a model the metrics cannot score before sampling it
         check_model(model)
+    cfg = _resolved(model, cfg)
     images, labels = _generate(model, cfg=cfg, seed=cfg.seed, num=cfg.num, device=device,
                                progress=progress, label="sampling")
     info = {"generated": True, "sampler": cfg.sampler, "steps": cfg.steps, "eta": 0.0,
@@ -210,6 +232,7 @@ def _teacher_reference(model, teacher: str | None, *, num: int, cfg: EvalConfig,
     if model is not None:  # a student distilled on guided targets is scored against that target
         cfg = dataclasses.replace(cfg, cfg_scale=teacher_scale(model, cfg.cfg_scale),
                                   classes=class_list(cfg.classes))
+    cfg = _reference_cfg(model, cfg)
 
     spec = teacher or (recorded_teacher_spec(model) if model is not None else None)
     if spec is None:

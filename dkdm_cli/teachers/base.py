@@ -58,6 +58,9 @@ class Denoiser:
     info: dict[str, Any] = field(default_factory=dict)
     num_classes: int | None = None  # real classes (0: unconditional); None: ask the network
     null_class: int | None = None  # the "no class" label, if any; None with num_classes None: ask
+    # The sampler a distilled student was made for, e.g. {"name": "consistency", "top": 989};
+    # None: any (teachers, DKDM students). `dkdm sample` uses it when no sampler is named.
+    sampler: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.model.eval().requires_grad_(False)

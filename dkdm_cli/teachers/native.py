@@ -43,7 +43,7 @@ def _file_denoiser(path: Path, *, name: str, device: str) -> tuple[Denoiser, dic
     kw = doc["model"]["kwargs"]
     shape = (int(kw["in_channels"]), int(kw["image_size"]), int(kw["image_size"]))
     return Denoiser(name=name, model=model, settings=settings, sample_shape=shape,
-                    source=str(path), info=doc.get("teacher", {})), doc
+                    source=str(path), info=doc.get("teacher", {}), sampler=doc.get("sampler")), doc
 
 
 def load_model_file_teacher(path: Path, *, name: str | None = None, device: str = "cpu",
@@ -84,5 +84,6 @@ def load_run_teacher(run_dir: Path, *, ema: bool = True, device: str = "cpu",
                         sample_shape=shape, source=str(run_dir),
                         info={"step": ckpt.step, "teacher": doc.get("teacher"), "ema": ema,
                               "guidance_scale": float(((doc.get("config") or {}).get("distill")
-                                                       or {}).get("guidance_scale", 1.0))})
+                                                       or {}).get("guidance_scale", 1.0))},
+                        sampler=doc.get("sampler"))
     return _attach_autoencoder(denoiser, doc, device=device, resolve=resolve)
