@@ -142,10 +142,10 @@ TINY_DIT = dict(hidden_size=32, depth=2, num_heads=2)
 
 def make_run_dir(run_dir: Path, teacher_file: Path, *, student: str = "unet-t",
                  student_kwargs: dict | None = None, step: int = 12, seed: int = 0,
-                 metrics: list[dict] | None = None) -> Path:
+                 metrics: list[dict] | None = None, sampler: dict | None = None) -> Path:
     """A run directory whose one checkpoint holds a tiny student (raw weights and a different EMA
     copy) of `teacher_file` (any teacher spec: a latent one records its autoencoder), with
-    every key the checkpoint format requires."""
+    every key the checkpoint format requires (`sampler`: a few-step student's record)."""
     from dkdm_cli.checkpoint import checkpoint_path, save_checkpoint
     from dkdm_cli.config import Config
     from dkdm_cli.distill.runs import teacher_reference
@@ -174,7 +174,7 @@ def make_run_dir(run_dir: Path, teacher_file: Path, *, student: str = "unet-t",
            "diffusion": student_settings(teacher.settings).to_dict(),
            "sample_shape": [c, size, size], "teacher": spec,
            "autoencoder_from": spec if teacher.autoencoder is not None else None, "config": cfg,
-           "optim_param_groups": [], "ema_num_updates": step}
+           "optim_param_groups": [], "ema_num_updates": step, "sampler": sampler}
     save_checkpoint(checkpoint_path(run_dir, step), tensors, doc)
     for record in metrics or []:
         with open(Path(run_dir) / "metrics.jsonl", "a") as fh:

@@ -1,6 +1,7 @@
 """`dkdm export --format diffusers`: the folder loads with DiffusionPipeline.from_pretrained(...,
 trust_remote_code=True) in a process where importing dkdm_cli fails and makes `dkdm sample`'s
-images from the same noise (UNet, DDIM, DiT, class-conditional with CFG, latent); dkdm reads it
+images from the same noise (UNet, DDIM, DiT, class-conditional with CFG, latent, a few-step
+student's consistency sampling); dkdm reads it
 back as a model and a teacher; the shipped code is generated from dkdm's and complete; refusals."""
 
 from __future__ import annotations
@@ -72,7 +73,15 @@ JOBS = {
     "dit": ("tiny_dit_run_dir", "iddpm", 3, None, 1.0),
     "cond-cfg": ("cond_run_dir", "iddpm", 4, [1, 2, 0, 1], 2.5),
     "latent": ("latent_run_dir", "iddpm", 3, None, 1.0),
+    "few-step": ("fewstep_run_dir", "consistency", 3, None, 1.0),
 }
+
+
+@pytest.fixture(scope="module")
+def fewstep_run_dir(tmp_path_factory, tiny_teacher_file) -> Path:
+    """A few-step student: it records multistep consistency sampling (from step 18 of 20)."""
+    return make_run_dir(tmp_path_factory.mktemp("runs") / "fast", tiny_teacher_file, seed=4,
+                        sampler={"name": "consistency", "top": 18})
 
 
 @pytest.fixture(scope="module")
@@ -291,3 +300,10 @@ def test_check_folder_catches_weights_that_differ(tiny_run_dir, tmp_path):
         next(model.parameters()).add_(1.0)
     with pytest.raises(ExportCheckError, match="different weights"):
         F.check_folder(tmp_path, model)
+
+
+@pytest.mark.slow
+def test_a_few_step_students_folder_samples_with_its_ladder_by_default(exported):
+    _, folder, _ = exported["few-step"]
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert (config["sampler"], config["top"]) == ("consistency", 18)

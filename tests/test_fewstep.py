@@ -229,3 +229,37 @@ def test_consistency_sampling_is_seeded_and_uses_the_ladder(dkdm_run):
                               generator=torch.Generator().manual_seed(1))
     assert seen == [18, 12, 6] * 2 and torch.equal(a, b) and a.abs().max() <= 1.0
     assert not np.allclose(a.numpy(), 0)
+
+
+def test_a_conditional_teacher_with_fixed_guidance(tiny_cond_teacher_file, tmp_path, capsys):
+    """digits-cond's recipe on a tiny conditional teacher: a DKDM student, then a few-step one
+    on the teacher's guided targets (guidance fixed at distillation); it samples a class."""
+    first, fast = tmp_path / "cond", tmp_path / "cond-fast"
+    assert run(tiny_distill_args(tiny_cond_teacher_file, first, iterations=2)) == 0
+    assert run(tiny_distill_args(tiny_cond_teacher_file, fast, iterations=2, extra=FAST + [
+        "--student-init", str(first), "--set", "distill.guidance_scale=2.0"])) == 0
+    ckpt = read_checkpoint(list_checkpoints(fast)[-1])
+    assert ckpt.doc["sampler"]["name"] == "consistency" and "pool/y" in ckpt.tensors
+    assert run(["sample", "--model", str(fast), "--class", "1", "--num", "2", "--npz",
+                str(tmp_path / "c.npz"), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["sampler"] == "consistency" and record["classes"] == [1]
+
+
+@pytest.mark.slow
+def test_a_latent_teacher_into_a_dit_from_random_weights(tiny_latent_teacher_dir, tmp_path):
+    """Latent teachers (no x_0 clipping) and DiT students work the same way, here from random
+    weights (no first stage): any architecture."""
+    fast = tmp_path / "latent-fast"
+    args = ["distill", "--teacher", str(tiny_latent_teacher_dir), "--student", "dit-n/2",
+            "--iterations", "2", "--batch-size", "4", "--run-dir", str(fast), "--quiet",
+            "--objective", "consistency", "--set", "distill.rho=0.02", "--set", "distill.init_steps=2",
+            "--set", "distill.grid_every=0", "--set", "distill.consistency_k=5"]
+    assert run(args) == 0
+    from dkdm_cli.api import load_student
+
+    student = load_student(fast)
+    assert student.sampler["name"] == "consistency" and not student.settings.clip_denoised
+    npz = tmp_path / "l.npz"
+    assert run(["sample", "--model", str(fast), "--num", "2", "--npz", str(npz), "--quiet"]) == 0
+    assert np.load(npz)["arr_0"].shape == (2, 16, 16, 3)  # decoded by the teacher's VQ model
