@@ -1,6 +1,6 @@
 """The evidence: the paper's claims tested at small scale on the built-in `digits` teacher.
 
-Five tables (docs/results.md), each cell the mean and spread over seeds of the project's digits
+Seven tables (docs/results.md), each cell the mean and spread over seeds of the project's digits
 measure (confident / balance / Frechet, dkdm_cli/quality/digits.py) of the EMA student's
 samples, and the Frechet ratio to the teacher's own samples (same sampler, steps, seed, count):
 
@@ -11,6 +11,9 @@ samples, and the Frechet ratio to the teacher's own samples (same sampler, steps
   5 sizes           three students: params, GFLOPs, sampling img/s, Frechet ratio, and curves
   6 conditional     the class-conditional `digits-cond` teacher -> the default student: class
                     consistency (unguided and at guidance scale 3) beside the digits measure
+  7 steps           quality and images/s against sampling steps (1-50) for the teacher, the
+                    default DKDM student and the few-step student made from it
+                    (benchmarks/study_steps.py; the default demo's settings, not the scale's)
 
 Every run's result is a JSON file under --results (committed), keyed by its settings: a run
 whose file exists is not run again, so an interrupted study resumes and a partial one can be
@@ -224,7 +227,7 @@ def _command(variant: Variant, student: str, seed: int, s: Scale, sets: list[str
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the ~10-minute smoke version")
-    ap.add_argument("--tables", default="1,2,3,4,5,6")
+    ap.add_argument("--tables", default="1,2,3,4,5,6,7")
     ap.add_argument("--seeds", type=int, help="seeds per variant (default: the scale's)")
     ap.add_argument("--startup-seeds", type=int, help="seeds of the start-up table (default: the scale's)")
     ap.add_argument("--iterations", type=int, help="override the scale's iterations")
@@ -248,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         for table in tables:
+            if table == 7:  # steps against quality: its own models (benchmarks/study_steps.py)
+                from study_steps import run_table
+
+                run_table(study, scale.seeds)
+                continue
             for variant in variants(default_student, scale.rho)[table]:
                 for seed in range(scale.startup_seeds if variant.startup_table else scale.seeds):
                     study.run(table, variant, seed, default_student)

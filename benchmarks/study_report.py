@@ -23,6 +23,9 @@ PAPER = {1: "CIFAR-10 FID: basic ~13.5, + shuffle ~11.2, + dynamic 9.56",
 TITLES = {1: "Ablation: basic, shuffle, dynamic", 2: "Baselines at equal teacher compute",
           3: "Cross-architecture", 4: "Start-up: default vs exact", 5: "Student sizes",
           6: "Class-conditional teacher"}
+STEPS_TITLE = "Sampling steps: the teacher, the DKDM student and the few-step student"
+STEPS_GOAL = ("a 4-step unet-n student better than the teacher's best 8-step sampler; goal 4 steps "
+              "within 1.5x of the teacher's 50-step IDDPM, at >= 20x its images/s")
 
 
 def _stats(values: list[float]) -> tuple[float, float, int]:
@@ -151,6 +154,11 @@ def render(study, tables: list[int], default_student: str, doc: Path) -> None:
                        f"{m['confident']:.3f} | {m['balance']:.3f} | {m['frechet']:.2f} |")
         out.append("")
     for table in tables:
+        if table == 7:
+            from study_steps import report
+
+            out += [f"## 7. {STEPS_TITLE}", "", f"Issue 21: {STEPS_GOAL}.", "", *report(study, doc)]
+            continue
         rows = table_rows(table_variants[table], runs, teachers)
         out += [f"## {table}. {TITLES[table]}", "", f"Paper: {PAPER[table]}.", ""]
         extra = ()

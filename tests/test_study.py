@@ -58,3 +58,18 @@ def test_study_table_6_measures_class_consistency(tmp_path, monkeypatch):
         assert 0 <= m["consistency"] <= 1 and 0 <= m["consistency_cfg3"] <= 1
     doc = (tmp_path / "docs" / "results.md").read_text()
     assert "## 6. Class-conditional teacher" in doc and "class consistency" in doc
+
+
+@pytest.mark.slow
+def test_study_table_7_sweeps_steps_for_three_models(tmp_path, monkeypatch):
+    study, argv = _quick_study(tmp_path, monkeypatch, "7")
+    assert study.main(argv) == 0
+    results = {json.loads(p.read_text())["model"]: json.loads(p.read_text())
+               for p in (tmp_path / "results").glob("t7-*-s0.json")}
+    assert set(results) == {"teacher", "dkdm", "fast"}
+    assert set(results["teacher"]["frechet"]) == {"iddpm", "ddim", "dpm-solver++"}
+    assert set(results["fast"]["frechet"]) == {"consistency"}
+    assert (tmp_path / "results" / "t7-speed.json").is_file()
+    doc = (tmp_path / "docs" / "results.md").read_text()
+    assert "## 7. Sampling steps" in doc and "few-step student (unet-n" in doc
+    assert (tmp_path / "results" / "t7-grid.png").is_file() and "t7-grid.png" in doc
