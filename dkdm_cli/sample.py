@@ -82,11 +82,12 @@ def resolve_sampling(model: Teacher, sampler: str = "auto", steps: int | str = "
     return Sampling(name, int(steps), top)
 
 
-def reference_sampling(student: Sampling) -> Sampling:
-    """How a teacher is sampled beside a student: the same sampler and steps, except beside a
-    few-step student, whose teacher samples as teachers do (IDDPM, 50 steps)."""
+def reference_sampling(student: Sampling, num_timesteps: int = DEFAULT_STEPS) -> Sampling:
+    """How a teacher (of `num_timesteps` steps) is sampled beside a student: the same sampler
+    and steps, except beside a few-step student, whose teacher samples as teachers do (IDDPM,
+    50 steps, or all of them when it has fewer)."""
     if student.sampler == "consistency":
-        return Sampling("iddpm", DEFAULT_STEPS)
+        return Sampling("iddpm", min(DEFAULT_STEPS, num_timesteps))
     return Sampling(student.sampler, student.steps)
 
 
@@ -268,7 +269,7 @@ def compare_with_teacher(
             f"{tuple(student.sample_shape)}: they cannot start from the same noise"
         )
     mine = resolve_sampling(student, sampler, steps)
-    ref = reference_sampling(mine)
+    ref = reference_sampling(mine, teacher.diffusion.num_timesteps)
     kw = dict(num=len(noise), eta=eta, seed=seed, batch_size=batch_size, device=device, noise=noise,
               labels=labels)
     if student_images is None:

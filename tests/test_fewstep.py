@@ -263,3 +263,23 @@ def test_a_latent_teacher_into_a_dit_from_random_weights(tiny_latent_teacher_dir
     npz = tmp_path / "l.npz"
     assert run(["sample", "--model", str(fast), "--num", "2", "--npz", str(npz), "--quiet"]) == 0
     assert np.load(npz)["arr_0"].shape == (2, 16, 16, 3)  # decoded by the teacher's VQ model
+
+
+def test_eval_samples_a_few_step_student_with_its_sampler_and_the_teacher_as_teachers_are(
+        tmp_path, tiny_teacher_file, inception_weights):
+    """`dkdm eval runs/fast` uses the student's consistency sampling (4 steps by default) and
+    samples the teacher reference with IDDPM (50 steps, or all T when fewer)."""
+    from conftest import make_run_dir
+
+    from dkdm_cli.config import EvalConfig
+    from dkdm_cli.evaluate import evaluate
+    from dkdm_cli.evaluate.metrics import MetricSettings
+
+    fast = make_run_dir(tmp_path / "fast", tiny_teacher_file, seed=5,
+                        sampler={"name": "consistency", "top": 18})
+    cfg = EvalConfig(reference="teacher", inception_weights=str(inception_weights), device="cpu",
+                     batch_size=8, num=8, allow_unknown_inception=True)
+    result = evaluate(str(fast), cfg=cfg, metrics={"fid"},
+                      settings=MetricSettings(fid_layer="64", isc_splits=2, kid_subsets=10))
+    assert (result.samples["sampler"], result.samples["steps"]) == ("consistency", 4)
+    assert (result.reference["sampler"], result.reference["steps"]) == ("iddpm", 20)

@@ -140,7 +140,8 @@ def _reference_cfg(model, cfg: EvalConfig) -> EvalConfig:
     from dkdm_cli.sample import DEFAULT_STEPS, Sampling, reference_sampling, resolve_sampling
 
     if model is not None:
-        ref = reference_sampling(resolve_sampling(model, cfg.sampler, cfg.steps))
+        ref = reference_sampling(resolve_sampling(model, cfg.sampler, cfg.steps),
+                                 model.diffusion.num_timesteps)  # a student has its teacher's T
     else:
         ref = Sampling("iddpm" if cfg.sampler == "auto" else cfg.sampler,
                        DEFAULT_STEPS if cfg.steps == "auto" else int(cfg.steps))
