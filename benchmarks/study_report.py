@@ -286,7 +286,10 @@ def _grids(study, runs, figdir: Path, default_student: str) -> list[tuple[str, P
     out = []
     for name in ("dynamic", "size-dit", "size-unet-t", "dit-dit", "cond"):
         seed0 = [r for r in runs.get(name, []) if r["seed"] == 0 and r.get("run_dir")]
+        path = figdir / f"grid-{name}.png"
         if not seed0 or not Path(seed0[0]["run_dir"]).is_dir():
+            if seed0 and path.is_file():  # the run directory is gone: keep the figure made from it
+                out.append((f"{name}: {seed0[0]['student']}", path))
             continue
         student = load_run_teacher(Path(seed0[0]["run_dir"]))
         teacher = resolve_teacher(study.teacher_spec(seed0[0]["teacher"]))
@@ -294,7 +297,6 @@ def _grids(study, runs, figdir: Path, default_student: str) -> list[tuple[str, P
         t_img, s_img = compare_with_teacher(student, teacher, noise=noise, steps=study.scale.steps,
                                             sampler="iddpm", eta=0.0, seed=0, batch_size=64,
                                             device="cpu")
-        path = figdir / f"grid-{name}.png"
         save_comparison(t_img, s_img, path, scale=4)
         out.append((f"{name}: {seed0[0]['student']}", path))
     return out

@@ -185,6 +185,10 @@ def report(study, doc: Path) -> list[str]:
         out += ["", "Images/s (64 images, one thread, alternating rounds; x: the teacher's 50 IDDPM "
                 "steps):", "", "| configuration | img/s | x |", "|---|---|---|"]
         out += [f"| {k} | {v} | {v / ref:.1f}x |" for k, v in sp.items()]
+    commits = sorted({r["commit"] for r in results})
+    out += ["", f"Command: `python benchmarks/study.py --tables 7 --seeds {len(seeds)}` (commits "
+            f"{', '.join(commits)}; the few-step runs: `dkdm distill --few-step` of each seed's "
+            "default run, benchmarks/study_steps.py)."]
     grid = study.results / "t7-grid.png"
     if grid.is_file():
         link = os.path.relpath(grid, doc.parent)

@@ -482,20 +482,22 @@ def load_config(
         return base
 
     config = resolve(Config())
-    # The teacher and the objective are known only once every layer is read.
-    if recommended_for(config.teacher.name, config.distill.objective):
-        config = resolve(defaults_for(config.teacher.name, config.distill.objective))
+    # The teacher, the objective and the student's start are known only once every layer is read.
+    how = (config.teacher.name, config.distill.objective, bool(config.student.init))
+    if recommended_for(*how):
+        config = resolve(defaults_for(*how))
     return config
 
 
-def defaults_for(teacher: str, objective: str = "dkdm") -> Config:
+def defaults_for(teacher: str, objective: str = "dkdm", warm_start: bool = False) -> Config:
     """The built-in defaults with the settings recommended for `teacher` (dkdm_cli/recommended.py),
     what a project for that teacher starts from."""
     from dkdm_cli.recommended import recommended_for
 
     base = Config()
     base = dataclasses.replace(base, teacher=dataclasses.replace(base.teacher, name=teacher))
-    return merge(base, recommended_for(teacher, objective), source=f"recommended for {teacher}")
+    return merge(base, recommended_for(teacher, objective, warm_start),
+                 source=f"recommended for {teacher}")
 
 
 def field_docs() -> dict[str, dict[str, tuple[Any, str]]]:

@@ -21,9 +21,10 @@ RECOMMENDED: dict[str, dict[str, dict[str, Any]]] = {
     "digits": _DIGITS,
     "digits-cond": _DIGITS,  # the same network fine-tuned with labels: the same budget suits it
 }
-# The few-step stage (`objective = "consistency"`, usually from a DKDM student: `student.init`),
-# chosen by measurement (docs/fewstep.md): a lower learning rate than DKDM's from-scratch one,
-# no warm-up (the student is already trained), and a faster EMA for the sampled weights.
+# The few-step stage (`objective = "consistency"` from a DKDM student: `student.init`), chosen
+# by measurement (docs/fewstep.md): a lower learning rate than DKDM's from-scratch one, no
+# warm-up (the student is already trained), and a faster EMA for the sampled weights. A
+# consistency run from random weights gets the from-scratch settings above (measured better).
 _DIGITS_FEW_STEP = {"distill": {"iterations": 1000, "lr": 2e-4, "warmup": 0, "ema_rate": 0.995,
                                 "init_steps": 16}}
 RECOMMENDED_FEW_STEP: dict[str, dict[str, dict[str, Any]]] = {
@@ -32,8 +33,10 @@ RECOMMENDED_FEW_STEP: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def recommended_for(teacher: str, objective: str = "dkdm") -> dict[str, dict[str, Any]]:
-    """{section: {key: value}} recommended for `teacher` and the objective (empty for
-    unregistered specs)."""
-    table = RECOMMENDED_FEW_STEP if str(objective) == "consistency" else RECOMMENDED
+def recommended_for(teacher: str, objective: str = "dkdm",
+                    warm_start: bool = False) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}} recommended for `teacher`, the objective and whether the student
+    starts from trained weights (empty for unregistered specs)."""
+    few_step = str(objective) == "consistency" and warm_start
+    table = RECOMMENDED_FEW_STEP if few_step else RECOMMENDED
     return table.get(teacher, {})

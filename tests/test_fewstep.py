@@ -4,6 +4,7 @@ start, and the runs and exports that carry the sampler."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -186,6 +187,10 @@ def test_few_step_flag_and_automatic_sampler(dkdm_run, tmp_path, capsys, monkeyp
     fast = dkdm_run.with_name(dkdm_run.name + "-fast")
     out = capsys.readouterr().out
     assert "--steps 4" in out and str(fast) in out
+    # the summary keeps the loss's significant digits (a consistency loss is ~1e-5)
+    last = json.loads((fast / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    printed = float(re.search(r"loss ([0-9.e+-]+)", out).group(1))
+    assert printed == pytest.approx(last, rel=1e-3)
     assert run(["sample", "--model", str(fast), "--num", "3", "--npz", "x.npz", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert (record["sampler"], record["steps"], record["top"]) == ("consistency", 4, cm.default_top(20))
@@ -283,3 +288,21 @@ def test_eval_samples_a_few_step_student_with_its_sampler_and_the_teacher_as_tea
                       settings=MetricSettings(fid_layer="64", isc_splits=2, kid_subsets=10))
     assert (result.samples["sampler"], result.samples["steps"]) == ("consistency", 4)
     assert (result.reference["sampler"], result.reference["steps"]) == ("iddpm", 20)
+
+
+def test_recommended_few_step_settings_are_for_a_warm_start(tmp_path):
+    """The digits few-step settings (low lr, no warm-up) apply to a consistency run that starts
+    from a trained student; from random weights it gets the from-scratch ones (measured better,
+    docs/fewstep.md)."""
+    from dkdm_cli.recommended import RECOMMENDED, RECOMMENDED_FEW_STEP
+
+    def resolved(**student):
+        return load_config(None, search_cwd=False, flags={
+            "teacher": {"name": "digits"}, "student": student,
+            "distill": {"objective": "consistency"}}).distill
+
+    scratch, warm = resolved(), resolved(init=str(tmp_path / "run"))
+    assert scratch.lr == RECOMMENDED["digits"]["distill"]["lr"] and scratch.warmup == 100
+    few = RECOMMENDED_FEW_STEP["digits"]["distill"]
+    assert (warm.lr, warm.warmup, warm.iterations) == (few["lr"], 0, few["iterations"])
+    assert warm.lr < scratch.lr

@@ -80,7 +80,7 @@ def distill(
         _console.print_json(summary)
     elif result.is_main and not quiet:
         last = result.last_metrics
-        loss = f", loss {last['loss']:.4f}" if last.get("loss") is not None else ""
+        loss = f", loss {last['loss']:.4g}" if last.get("loss") is not None else ""
         _console.out.print(f"{result.status}: {result.run_dir} at iteration {result.step}{loss}",
                            highlight=False)
         if result.status == "interrupted" and result.during_startup:

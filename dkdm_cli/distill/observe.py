@@ -129,6 +129,6 @@ class Observer:
             for key, value in record.items():
                 if isinstance(value, int | float) and key != "step":
                     self.writer.add_scalar(key, value, record["step"])
-        status = (f"loss {record['loss']:.4f}  {record['it_per_s']:.2f} it/s  "
+        status = (f"loss {record['loss']:.4g}  {record['it_per_s']:.2f} it/s  "
                   f"{record['images_per_s']:.0f} img/s")
         self.advance(0, status=status)

@@ -84,6 +84,6 @@ def few_step_flags(run: Path) -> dict[str, dict]:
              "student": {"name": student["name"], "kwargs": student.get("kwargs") or None,
                          "init": str(run)},
              "distill": {"objective": "consistency", "run_dir": f"{str(run).rstrip('/')}-fast"}}
-    for section, values in recommended_for(teacher["name"], "consistency").items():
+    for section, values in recommended_for(teacher["name"], "consistency", warm_start=True).items():
         flags.setdefault(section, {}).update(values)
     return flags
