@@ -184,6 +184,8 @@ class DistillConfig:
     init_steps: int = opt(48, "fast start-up: k; a state starting at t takes "
                           "ceil(k*(T-1-t)/(T-1)) teacher steps", min=1)
     init_batch_size: int = opt(256, "teacher batch size during pool start-up", min=1)
+    pool_from: str = opt("", "start the pool from this dkdm run directory's saved pool (same "
+                         "teacher and pool size) instead of a start-up; `--few-step RUN` sets it")
     vlb_lambda: float = opt(0.001, "lambda of L_vlb* (weight of the per-t KL = lambda * T)", min=0)
     lr: float = opt(4e-4, "AdamW learning rate, constant after warm-up (paper: 1e-4)", gt=0)
     warmup: int = opt(100, "linear learning-rate warm-up iterations", min=0)

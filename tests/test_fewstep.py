@@ -140,10 +140,14 @@ def test_the_warm_start_loads_the_first_stage_student(tiny_teacher_file, dkdm_ru
     (["--student", "dit-n/2"], "a unet-t student, but this run trains dit-n/2"),
     (["--set", "student.kwargs={model_channels=16}"], "built with other arguments"),
     (["--set", "distill.mode=synthetic"], "mode synthetic has none"),
+    (["--set", 'distill.pool_from="RUN"', "--set", "distill.rho=0.2"], "its pool has"),
+    (["--set", 'distill.pool_from="NOWHERE"'], "not a dkdm run directory with a checkpoint"),
 ])
 def test_bad_few_step_settings_are_refused_before_the_run_directory(bad, message, tiny_teacher_file,
                                                                     dkdm_run, tmp_path, capsys):
     rd = tmp_path / "run"
+    bad = [a.replace("RUN", str(dkdm_run)).replace("NOWHERE", str(tmp_path / "nowhere"))
+           for a in bad]
     args = tiny_distill_args(tiny_teacher_file, rd, iterations=2,
                              extra=FAST + ["--student-init", str(dkdm_run)])
     if bad[0] == "--student":  # another preset, with its own default arguments
@@ -167,6 +171,36 @@ def test_an_init_from_another_teachers_shape_is_refused(tmp_path, dkdm_run, caps
                                  extra=FAST + ["--student-init", str(dkdm_run)])) == 2
     err = capsys.readouterr().err
     assert "student.init" in err and "in_channels 1 vs 3" in err and not rd.exists()
+
+
+def test_a_pool_of_another_teacher_is_refused(tmp_path, dkdm_run, capsys):
+    from dkdm_cli import testing
+
+    other = testing.write_teacher_file(tmp_path / "other.safetensors")
+    rd = tmp_path / "run"
+    assert run(tiny_distill_args(other, rd, iterations=2, extra=FAST + [
+        "--set", f'distill.pool_from="{dkdm_run}"'])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "distill.pool_from" in err[0] and "its pool is of teacher" in err[0]
+    assert not rd.exists()
+
+
+def test_the_few_step_stage_starts_from_the_first_stages_pool(dkdm_run, tmp_path, monkeypatch):
+    """`--few-step RUN` reuses RUN's saved pool (no start-up, no teacher forward spent on it):
+    after one iteration only the b states it stepped differ from RUN's pool."""
+    monkeypatch.chdir(tmp_path)
+    fast = tmp_path / "fast"
+    assert run(["distill", "--few-step", str(dkdm_run), "--iterations", "1", "--batch-size", "4",
+                "--run-dir", str(fast), "--quiet", "--set", "distill.rho=0.1",
+                "--set", "distill.grid_every=0"]) == 0
+    startup = json.loads((fast / "startup.json").read_text())
+    assert startup["init"] == "saved" and startup["teacher_forwards"] == 0
+    base = read_checkpoint(list_checkpoints(dkdm_run)[-1]).tensors["pool/x"]
+    mine = read_checkpoint(list_checkpoints(fast)[-1])
+    changed = (mine.tensors["pool/x"] != base).flatten(1).any(1)
+    assert 0 < int(changed.sum()) <= 4
+    last = json.loads((fast / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["teacher_forwards"] == 4  # one iteration of b = 4, nothing for a start-up
 
 
 def test_steps_beyond_the_ladder_are_refused():

@@ -37,7 +37,7 @@ from dkdm_cli.distill.saver import CheckpointWriter
 from dkdm_cli.distill.signals import StartupWatch, StopFlag, StoppedDuringStartup
 from dkdm_cli.distill.sources import build_source
 from dkdm_cli.distill.state import TrainState, student_settings
-from dkdm_cli.distill.warmstart import check_init
+from dkdm_cli.distill.warmstart import check_init, saved_pool
 from dkdm_cli.errors import ConfigError, ShapeMismatchError, TeacherError, TrainingError
 from dkdm_cli.models import count_parameters, create_model
 from dkdm_cli.models.io import load_state_strict
@@ -314,6 +314,8 @@ def check_before_start(cfg: Config, teacher: Teacher) -> None:
     student = build_student(cfg, teacher, torch.device("meta"))
     if cfg.student.init:
         check_init(cfg.student.init, student)
+    if d.pool_from:
+        saved_pool(cfg, teacher)
     check_labels_config(d, teacher)
     if d.grid_every and d.grid_steps > T:
         raise ConfigError(f"distill.grid_steps = {d.grid_steps}: the teacher has T = {T} steps; "

@@ -262,6 +262,8 @@ def announce(obs, cfg: Config, info, teacher, student, count_parameters,
         f"mode {d.mode}, effective batch {d.batch_size * info.world_size} "
         f"({info.world_size} process(es) x {d.batch_size}), lr {d.lr:g}, {d.iterations} iterations"
     )
+    if d.pool_from and d.mode.uses_pool and info.world_size == 1:
+        obs.message(f"pool: the saved pool of {d.pool_from} (no start-up)")
     if runtime:
         obs.message(f"teacher {runtime['network']}, student {runtime['student']}, "
                     f"compile {'on' if runtime['compile'] else 'off'}")

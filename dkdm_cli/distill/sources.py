@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -247,6 +248,9 @@ def _pool_source(d: DistillConfig, mode: Mode, *, teacher, device, gen, ckpt, di
                                     labels=labels)
         if pool is not None:
             return Built(PoolSource(pool, startup_forwards=startup_forwards, **kw), True)
+    if ckpt is None and d.pool_from and not distributed:
+        return _saved_pool_source(d, mode, teacher=teacher, device=device, gen=gen,
+                                  labels=labels, size=size, kw=kw)
     init = Init(d.init)
     total = expected_init_steps(size=size, num_timesteps=T, init=init, init_steps=d.init_steps,
                                 mode=mode)
@@ -259,6 +263,8 @@ def _pool_source(d: DistillConfig, mode: Mode, *, teacher, device, gen, ckpt, di
     forwards = pool.teacher_sample_steps * per_state
     startup = {"mode": mode.value, "pool_size": len(pool), "pool_bytes": pool.nbytes,
                "init": init.value if mode is not Mode.BASIC else "none",
+               **({"pool_from": "not used: one pool per process when distributed"}
+                  if d.pool_from else {}),
                "teacher_forwards": forwards, "seconds": round(time.perf_counter() - start, 3)}
     if labels is not None:
         startup["labels"] = {"classes": teacher.num_classes, "null_class": labels.null_class,
@@ -267,6 +273,26 @@ def _pool_source(d: DistillConfig, mode: Mode, *, teacher, device, gen, ckpt, di
                              "guidance_scale": d.guidance_scale}
     source = PoolSource(pool, startup_forwards=forwards, **kw)
     return Built(source, False, startup if ckpt is None else None)
+
+
+def _saved_pool_source(d: DistillConfig, mode: Mode, *, teacher, device, gen, labels, size: int,
+                       kw: dict) -> Built:
+    """The pool of `d.pool_from`'s latest checkpoint (checked by warmstart.saved_pool) instead of
+    a start-up: its states already lie on the teacher's chains, so no teacher forward is spent.
+    The pool's random stream is this run's own (from its seed), not the other run's."""
+    from dkdm_cli.checkpoint import load_latest
+    from dkdm_cli.distill.state import pool_from_checkpoint
+
+    start = time.perf_counter()
+    ckpt = load_latest(Path(d.pool_from))
+    own_stream = gen.get_state()
+    pool = pool_from_checkpoint(ckpt, num_timesteps=teacher.diffusion.num_timesteps, size=size,
+                                device=device, generator=gen, labels=labels)
+    gen.set_state(own_stream)
+    startup = {"mode": mode.value, "pool_size": len(pool), "pool_bytes": pool.nbytes,
+               "init": "saved", "pool_from": str(ckpt.path), "teacher_forwards": 0,
+               "seconds": round(time.perf_counter() - start, 3)}
+    return Built(PoolSource(pool, startup_forwards=0, **kw), False, startup)
 
 
 def _generate_synthetic(d: DistillConfig, *, teacher, device, seed: int, obs):

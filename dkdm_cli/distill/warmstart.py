@@ -83,7 +83,47 @@ def few_step_flags(run: Path) -> dict[str, dict]:
                          "arch_kwargs": teacher.get("arch_kwargs") or None},
              "student": {"name": student["name"], "kwargs": student.get("kwargs") or None,
                          "init": str(run)},
-             "distill": {"objective": "consistency", "run_dir": f"{str(run).rstrip('/')}-fast"}}
+             "distill": {"objective": "consistency", "run_dir": f"{str(run).rstrip('/')}-fast",
+                         "pool_from": str(run)}}
     for section, values in recommended_for(teacher["name"], "consistency", warm_start=True).items():
         flags.setdefault(section, {}).update(values)
     return flags
+
+
+def saved_pool(cfg, teacher):
+    """The latest checkpoint of `distill.pool_from`, refused unless its saved pool fits this run:
+    the same teacher (its states lie on that teacher's chains), the same pool size, and labels
+    exactly when the teacher is conditional. Checked before the run directory is touched."""
+    from dkdm_cli.checkpoint import load_latest
+    from dkdm_cli.distill.pool import pool_size
+    from dkdm_cli.errors import CheckpointError
+
+    d, run = cfg.distill, Path(cfg.distill.pool_from)
+    where = f"distill.pool_from {run}"
+    if not d.mode.uses_pool:
+        raise ConfigError(f"{where}: mode {d.mode.value} has no pool (use dynamic, shuffle or basic)")
+    try:
+        ckpt = load_latest(run) if (run / "checkpoints").is_dir() else None
+    except CheckpointError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    if ckpt is None:
+        raise ConfigError(f"{where}: not a dkdm run directory with a checkpoint")
+    if "pool/x" not in ckpt.tensors:
+        raise ConfigError(f"{where}: its checkpoints hold no pool (it ran with save_pool = false)")
+    theirs = (ckpt.doc.get("config") or {}).get("teacher") or {}
+    mine = {"name": cfg.teacher.name, "arch": cfg.teacher.arch or "",
+            "arch_kwargs": _normal(dict(cfg.teacher.arch_kwargs))}
+    if {k: (_normal(theirs.get(k) or {}) if k == "arch_kwargs" else theirs.get(k) or "")
+            for k in mine} != mine:
+        raise ConfigError(f"{where}: its pool is of teacher {theirs.get('name')!r}, this run's is "
+                          f"{cfg.teacher.name!r}; a pool holds one teacher's chain states")
+    want = pool_size(mode=d.mode.value, rho=d.rho, num_timesteps=teacher.diffusion.num_timesteps,
+                     batch_size=d.batch_size)
+    have = int(ckpt.tensors["pool/x"].shape[0])
+    if have != want:
+        raise ConfigError(f"{where}: its pool has {have} states, this run's needs {want} (use that "
+                          "run's rho and batch_size)")
+    if ("pool/y" in ckpt.tensors) != bool(teacher.conditional):
+        raise ConfigError(f"{where}: its pool {'has' if 'pool/y' in ckpt.tensors else 'has no'} "
+                          "class labels, unlike this run's teacher")
+    return ckpt
