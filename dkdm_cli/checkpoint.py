@@ -110,10 +110,10 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], doc: dict[str,
         raise from_os_error(exc) from exc
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
-    """Read and validate one checkpoint file."""
+def read_checkpoint(path: Path, *, weights: bool = True) -> Checkpoint:
+    """Read and validate one checkpoint file (`weights=False`: its document only, no tensors)."""
     try:
-        tensors, meta = read_safetensors(Path(path))
+        tensors, meta = read_safetensors(Path(path), weights=weights)
     except ModelFileError as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?)") from exc
     try:
@@ -125,14 +125,14 @@ def read_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path=Path(path), doc=doc, tensors=tensors)
 
 
-def load_latest(run_dir: Path, *, warn=None) -> Checkpoint | None:
+def load_latest(run_dir: Path, *, warn=None, weights: bool = True) -> Checkpoint | None:
     """The newest readable checkpoint of a run; unreadable newer ones are skipped with a warning
-    naming them. None when the run has no checkpoint at all."""
+    naming them. None when the run has no checkpoint at all. `weights=False`: documents only."""
     paths = list_checkpoints(run_dir)
     errors = []
     for path in reversed(paths):
         try:
-            ckpt = read_checkpoint(path)
+            ckpt = read_checkpoint(path, weights=weights)
         except CheckpointError as exc:
             errors.append(str(exc))
             if warn is not None:

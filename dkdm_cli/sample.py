@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from dkdm_cli import _fs
+from dkdm_cli.diffusion.consistency import SAMPLING_STEPS
 from dkdm_cli.diffusion.samplers import Sampler, sample
 from dkdm_cli.errors import SamplingError, UserError
 from dkdm_cli.teachers.base import Teacher
@@ -49,7 +50,6 @@ def sample_labels(denoiser: Teacher, num: int, *, seed: int,
 
 
 DEFAULT_STEPS = 50  # the respaced IDDPM sampling the paper evaluates with
-FEW_STEP_DEFAULT = 4  # a few-step student's steps when it records none
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,7 @@ def resolve_sampling(model: Teacher, sampler: str = "auto", steps: int | str = "
     name = recorded.get("name", "iddpm") if sampler == "auto" else str(sampler)
     few = name == "consistency"
     if steps == "auto":
-        steps = int(recorded.get("steps", FEW_STEP_DEFAULT)) if few else \
-            min(DEFAULT_STEPS, model.diffusion.num_timesteps)
+        steps = SAMPLING_STEPS if few else min(DEFAULT_STEPS, model.diffusion.num_timesteps)
     top = recorded.get("top") if few and recorded.get("name") == "consistency" else None
     return Sampling(name, int(steps), top)
 

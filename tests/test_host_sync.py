@@ -93,15 +93,19 @@ def _count(run: Distiller, iterations: int) -> HostSyncCounter:
     return counter
 
 
-@pytest.mark.parametrize("case", ["unconditional", "conditional-guided", "fixed-variance"])
+@pytest.mark.parametrize("case", ["unconditional", "conditional-guided", "fixed-variance",
+                                  "consistency", "consistency-guided"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_iterations_make_no_host_sync(case, precision, tiny_teacher_file, tiny_cond_teacher_file,
                                       tiny_fixed_teacher_file, tmp_path):
     teacher = {"unconditional": tiny_teacher_file, "conditional-guided": tiny_cond_teacher_file,
-               "fixed-variance": tiny_fixed_teacher_file}[case]
+               "fixed-variance": tiny_fixed_teacher_file, "consistency": tiny_teacher_file,
+               "consistency-guided": tiny_cond_teacher_file}[case]
     sets = [f'distill.precision="{precision}"', f'distill.teacher_precision="{precision}"']
-    if case == "conditional-guided":
+    if case.endswith("guided"):
         sets += ["distill.guidance_scale=2.0", "distill.class_weights=[1, 2, 3]"]
+    if case.startswith("consistency"):  # the few-step objective and its target network
+        sets += ['distill.objective="consistency"', "distill.consistency_k=3"]
     run = _distiller(teacher, tmp_path, sets=sets)
     counter = _count(run, iterations=3)
     assert not counter.counts, (dict(counter.counts), counter.examples)

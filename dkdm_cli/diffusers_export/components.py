@@ -20,7 +20,13 @@ from diffusers import ConfigMixin, ModelMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
-from dkdm_cli.diffusion.consistency import consistency_value, default_top, ladder, renoise
+from dkdm_cli.diffusion.consistency import (
+    SAMPLING_STEPS,
+    consistency_value,
+    default_top,
+    ladder,
+    renoise,
+)
 from dkdm_cli.diffusion.gaussian import GaussianDiffusion, Prediction, VarianceType
 from dkdm_cli.diffusion.samplers import Sampler, sampling_process
 from dkdm_cli.diffusion.schedules import make_betas
@@ -131,7 +137,7 @@ class DKDMScheduler(SchedulerMixin, ConfigMixin):
         beta_start: float = 0.0001, beta_end: float = 0.02, trained_betas: list | None = None,
         prediction_type: str = "epsilon", variance_type: str = "fixed_small",
         clip_sample: bool = True, sampler: str = "iddpm", eta: float = 0.0,
-        top: int | None = None, default_steps: int | None = None,
+        top: int | None = None,
     ) -> None:
         if trained_betas is not None:
             betas = make_betas("explicit", num_train_timesteps, betas=trained_betas)
@@ -153,9 +159,7 @@ class DKDMScheduler(SchedulerMixin, ConfigMixin):
     @property
     def default_inference_steps(self) -> int:
         """The steps the pipeline takes when none are given: the model's own (few-step: 4)."""
-        if self.config.default_steps:
-            return int(self.config.default_steps)
-        return 4 if self.sampler is Sampler.CONSISTENCY else 50
+        return SAMPLING_STEPS if self.sampler is Sampler.CONSISTENCY else 50
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None) -> None:
         """Respace to `num_inference_steps` steps (None: all T; consistency: its default); the

@@ -25,6 +25,7 @@ from dkdm_cli.diffusion.gaussian import GaussianDiffusion, StepCoefs
 from dkdm_cli.errors import ConfigError
 
 CLEAN = -1  # the step below the grid: clean data, where f(x, -1) = x
+SAMPLING_STEPS = 4  # a few-step student's steps when none are asked for (docs/fewstep.md)
 
 
 def straight_through_clip(x: torch.Tensor) -> torch.Tensor:

@@ -29,11 +29,16 @@ class Sampler(str, Enum):
         return self in (Sampler.DPM_SOLVER, Sampler.UNIPC)
 
 
-def sampling_process(diffusion: GaussianDiffusion, steps: int | None, sampler: Sampler):
-    """The (respaced) process a sampler with `steps` steps runs on."""
+def check_steps(diffusion: GaussianDiffusion, steps: int | None) -> None:
+    """Refuse a number of sampling steps outside 1..T (None: all T)."""
     if steps is not None and not 1 <= steps <= diffusion.num_timesteps:
         raise ConfigError(f"sampling steps must be between 1 and the model's T = "
                           f"{diffusion.num_timesteps}, got {steps}")
+
+
+def sampling_process(diffusion: GaussianDiffusion, steps: int | None, sampler: Sampler):
+    """The (respaced) process a sampler with `steps` steps runs on."""
+    check_steps(diffusion, steps)
     if steps is None or steps == diffusion.num_timesteps:
         return diffusion
     spec = f"ddim{steps}" if sampler is Sampler.DDIM else str(steps)
@@ -62,17 +67,19 @@ def sample(
     the same samples on the same device. `top`: where consistency sampling starts (default
     1 % below T-1)."""
     sampler = Sampler(sampler)
-    process = sampling_process(diffusion, steps, sampler)  # also checks 1 <= steps <= T
+    check_steps(diffusion, steps)
     if sampler is Sampler.CONSISTENCY:
-        from dkdm_cli.diffusion.consistency import consistency_sample
+        from dkdm_cli.diffusion.consistency import SAMPLING_STEPS, consistency_sample
 
-        return consistency_sample(model, diffusion, noise=noise, steps=steps or 4, top=top,
+        return consistency_sample(model, diffusion, noise=noise, top=top,
+                                  steps=SAMPLING_STEPS if steps is None else steps,
                                   clip_denoised=clip_denoised, generator=generator, on_step=on_step)
     if sampler.solver:
         from dkdm_cli.diffusion.solvers import solve
 
         return solve(model, diffusion, noise=noise, steps=steps or diffusion.num_timesteps,
                      kind=sampler.value, clip_denoised=clip_denoised, on_step=on_step)
+    process = sampling_process(diffusion, steps, sampler)
     x = noise
     n = process.num_timesteps
     for i in reversed(range(n)):

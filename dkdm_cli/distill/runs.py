@@ -10,7 +10,7 @@ from typing import Any
 
 from dkdm_cli import _console, _fs
 from dkdm_cli.checkpoint import CONFIG_NAME, Checkpoint, checkpoint_dir, load_latest
-from dkdm_cli.config import Config, merge, read_toml
+from dkdm_cli.config import Config, Objective, merge, read_toml
 from dkdm_cli.distill.lock import RunLock
 from dkdm_cli.errors import CheckpointError, ConfigError, UserError
 
@@ -234,7 +234,6 @@ def checkpoint_doc(cfg: Config, teacher, student, settings) -> dict[str, Any]:
 def run_sampler(cfg: Config, num_timesteps: int) -> dict[str, Any] | None:
     """How the run's student samples when the user names no sampler: None (the teachers' own
     samplers apply), or for a few-step student multistep consistency sampling from its top."""
-    from dkdm_cli.config import Objective
     from dkdm_cli.diffusion.consistency import default_top
 
     if cfg.distill.objective is not Objective.CONSISTENCY:

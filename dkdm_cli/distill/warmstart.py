@@ -10,6 +10,7 @@ the run directory is touched.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -69,7 +70,7 @@ def few_step_flags(run: Path) -> dict[str, dict]:
 
     run = Path(run)
     try:
-        ckpt = load_latest(run) if (run / "checkpoints").is_dir() else None
+        ckpt = load_latest(run, weights=False) if (run / "checkpoints").is_dir() else None
     except CheckpointError as exc:
         raise ConfigError(f"--few-step {run}: {exc}") from exc
     if ckpt is None:
@@ -90,40 +91,44 @@ def few_step_flags(run: Path) -> dict[str, dict]:
     return flags
 
 
-def saved_pool(cfg, teacher):
-    """The latest checkpoint of `distill.pool_from`, refused unless its saved pool fits this run:
-    the same teacher (its states lie on that teacher's chains), the same pool size, and labels
-    exactly when the teacher is conditional. Checked before the run directory is touched."""
+def saved_pool(cfg, teacher) -> None:
+    """Refuse `distill.pool_from` unless its latest checkpoint's saved pool fits this run: the
+    same teacher (its states lie on that teacher's chains), the same pool size, and labels
+    exactly when the teacher is conditional. Checked before the run directory is touched, from
+    the checkpoint's document and tensor header (a pool can be gigabytes)."""
     from dkdm_cli.checkpoint import load_latest
     from dkdm_cli.distill.pool import pool_size
-    from dkdm_cli.errors import CheckpointError
+    from dkdm_cli.errors import CheckpointError, ModelFileError
+    from dkdm_cli.models.io import safetensors_shapes
 
     d, run = cfg.distill, Path(cfg.distill.pool_from)
     where = f"distill.pool_from {run}"
     if not d.mode.uses_pool:
         raise ConfigError(f"{where}: mode {d.mode.value} has no pool (use dynamic, shuffle or basic)")
     try:
-        ckpt = load_latest(run) if (run / "checkpoints").is_dir() else None
-    except CheckpointError as exc:
+        ckpt = load_latest(run, weights=False) if (run / "checkpoints").is_dir() else None
+        shapes = safetensors_shapes(ckpt.path) if ckpt is not None else {}
+    except (CheckpointError, ModelFileError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
     if ckpt is None:
         raise ConfigError(f"{where}: not a dkdm run directory with a checkpoint")
-    if "pool/x" not in ckpt.tensors:
+    if "pool/x" not in shapes:
         raise ConfigError(f"{where}: its checkpoints hold no pool (it ran with save_pool = false)")
-    theirs = (ckpt.doc.get("config") or {}).get("teacher") or {}
-    mine = {"name": cfg.teacher.name, "arch": cfg.teacher.arch or "",
-            "arch_kwargs": _normal(dict(cfg.teacher.arch_kwargs))}
-    if {k: (_normal(theirs.get(k) or {}) if k == "arch_kwargs" else theirs.get(k) or "")
-            for k in mine} != mine:
-        raise ConfigError(f"{where}: its pool is of teacher {theirs.get('name')!r}, this run's is "
+    theirs = _teacher_key((ckpt.doc.get("config") or {}).get("teacher") or {})
+    if theirs != _teacher_key(dataclasses.asdict(cfg.teacher)):
+        raise ConfigError(f"{where}: its pool is of teacher {theirs[0]!r}, this run's is "
                           f"{cfg.teacher.name!r}; a pool holds one teacher's chain states")
     want = pool_size(mode=d.mode.value, rho=d.rho, num_timesteps=teacher.diffusion.num_timesteps,
                      batch_size=d.batch_size)
-    have = int(ckpt.tensors["pool/x"].shape[0])
-    if have != want:
-        raise ConfigError(f"{where}: its pool has {have} states, this run's needs {want} (use that "
-                          "run's rho and batch_size)")
-    if ("pool/y" in ckpt.tensors) != bool(teacher.conditional):
-        raise ConfigError(f"{where}: its pool {'has' if 'pool/y' in ckpt.tensors else 'has no'} "
+    if shapes["pool/x"][0] != want:
+        raise ConfigError(f"{where}: its pool has {shapes['pool/x'][0]} states, this run's needs "
+                          f"{want} (use that run's rho and batch_size)")
+    if ("pool/y" in shapes) != bool(teacher.conditional):
+        raise ConfigError(f"{where}: its pool {'has' if 'pool/y' in shapes else 'has no'} "
                           "class labels, unlike this run's teacher")
-    return ckpt
+
+
+def _teacher_key(teacher: dict) -> tuple:
+    """What identifies a teacher in a run's [teacher] section: its spec, preset and overrides."""
+    return (teacher.get("name"), teacher.get("arch") or "",
+            sorted(_normal(dict(teacher.get("arch_kwargs") or {})).items()))

@@ -53,6 +53,15 @@ def read_safetensors(path: Path, *, weights: bool = True) -> tuple[dict[str, tor
     return tensors, meta
 
 
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a safetensors file's tensors, read from its header (no tensor data)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
                       assign: bool = False) -> None:
     """load_state_dict(strict) with an error naming missing/unexpected/mis-shaped keys
