@@ -16,11 +16,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from dkdm_cli import config as config_mod
 from dkdm_cli.cli import run
 from dkdm_cli.commands import sample as sample_cmd
 from dkdm_cli.commands.init import render, template_text
 from dkdm_cli.config import Compile, Config, defaults_for, field_docs, load_config, merge
+from dkdm_cli.config import schema as config_mod
 from dkdm_cli.errors import ConfigError, UserError
 from dkdm_cli.recommended import recommended_for
 
